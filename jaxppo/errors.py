@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+A `JaxppoError` means bad input (a config value, a file, a missing extra), not a bug: its
+message is one line that names the culprit (file and line, config key, expected vs got).
+The command-line entry points catch it and print `error: <message>` with exit code 2 and
+no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["JaxppoError", "ConfigError", "DataError"]
+
+
+class JaxppoError(Exception):
+    """Base class of the errors caused by user input; the message is one line."""
+
+
+class ConfigError(JaxppoError, ValueError):
+    """An invalid configuration: unknown key, wrong type, value out of range, impossible combination.
+
+    `keys` holds the dotted config keys at fault (first = main culprit), so that a caller
+    that knows where a value came from (YAML file and line, command-line override) can say so.
+    """
+
+    def __init__(self, message: str, *, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+
+class DataError(JaxppoError, ValueError):
+    """Invalid data: missing or malformed prompt file, prompts that do not fit, bad tokenizer."""
