@@ -1,0 +1,80 @@
+"""Optax chains for the policy and the critic.
+
+    clip_by_global_norm(max_grad_norm) -> adamw(schedule) [-> reduce_on_plateau]
+
+Schedules count optimiser steps (one per minibatch, after gradient accumulation):
+`total_updates = train.total_steps * ppo.epochs * ppo.num_minibatches`.
+
+- constant: warmup (linear from 0) then `lr`
+- linear:   warmup then linear decay to `lr * min_lr_ratio`
+- cosine:   warmup then cosine decay to `lr * min_lr_ratio`
+- plateau:  warmup then constant, times optax.contrib.reduce_on_plateau's scale, driven once per
+            PPO iteration by a metric known before the update (the caller passes `value=`).
+
+Gradient accumulation is not an optax wrapper here: `update.ppo_update` sums token-weighted
+micro-batch gradients before one optimiser step, which is exact when response lengths differ
+(optax.MultiSteps averages micro-batch means, which is not).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def make_schedule(optim_cfg, total_updates: int, lr: float | None = None) -> optax.Schedule:
+    """Learning-rate schedule over `total_updates` optimiser steps."""
+    peak = float(optim_cfg.lr if lr is None else lr)
+    warmup = int(optim_cfg.warmup_steps)
+    end = peak * float(optim_cfg.min_lr_ratio)
+    decay_steps = max(total_updates - warmup, 1)
+    kind = optim_cfg.schedule
+    if kind in ("constant", "plateau"):
+        main = optax.constant_schedule(peak)
+    elif kind == "linear":
+        main = optax.linear_schedule(peak, end, decay_steps)
+    elif kind == "cosine":
+        main = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(optim_cfg.min_lr_ratio))
+    else:
+        raise ValueError(f"optim.schedule must be constant|linear|cosine|plateau, got {kind!r}")
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def make_optimizer(optim_cfg, total_updates: int, lr: float | None = None, *,
+                   updates_per_iteration: int = 1):
+    """The full chain; returns (optax transformation, schedule)."""
+    schedule = make_schedule(optim_cfg, total_updates, lr)
+    parts = []
+    if optim_cfg.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(float(optim_cfg.max_grad_norm)))
+    parts.append(optax.adamw(schedule, b1=float(optim_cfg.adam_b1), b2=float(optim_cfg.adam_b2),
+                             eps=float(optim_cfg.adam_eps), weight_decay=float(optim_cfg.weight_decay)))
+    if optim_cfg.schedule == "plateau":
+        p = optim_cfg.plateau
+        # every minibatch of one iteration sees the same value; accumulate them into one decision
+        parts.append(optax.contrib.reduce_on_plateau(
+            factor=float(p.factor), patience=int(p.patience), rtol=float(p.rtol), atol=float(p.atol),
+            cooldown=int(p.cooldown), accumulation_size=int(updates_per_iteration),
+            min_scale=float(p.min_scale)))
+    return optax.chain(*parts), schedule
+
+
+def plateau_scale(opt_state) -> jnp.ndarray:
+    """The reduce-on-plateau multiplier inside `opt_state` (1.0 when there is none)."""
+    scales = [s.scale for s in _walk(opt_state) if isinstance(s, optax.contrib.ReduceLROnPlateauState)]
+    return jnp.asarray(scales[0], jnp.float32) if scales else jnp.float32(1.0)
+
+
+def current_lr(schedule, opt_state, count) -> jnp.ndarray:
+    """The learning rate the next optimiser step uses: schedule(count) x plateau scale."""
+    return jnp.asarray(schedule(count), jnp.float32) * plateau_scale(opt_state)
+
+
+def _walk(state):
+    if isinstance(state, optax.contrib.ReduceLROnPlateauState):
+        yield state
+    elif isinstance(state, (tuple, list)):
+        for s in state:
+            yield from _walk(s)
