@@ -1,0 +1,192 @@
+"""Sampling with a KV cache: prefill + decode in one jitted program.
+
+    out = generate(model, prompt_ids, prompt_mask, key, SamplingParams(max_new_tokens=32))
+    out.response    # [B, R] sampled ids, pad after the first EOS
+    out.logprobs    # [B, R] log p(token) under softmax(logits / temperature)
+    out.mask        # [B, R] 1.0 up to and including the first EOS
+
+The prompt batch is left-padded (`prompt_mask` 0 on the left), so every row's last prompt token
+sits in slot P-1 and all rows decode in lockstep. The cache holds P + R slots, not the model's
+context. Positions come from the mask, so padding never shifts them.
+
+The decode loop is a `lax.while_loop` that stops as soon as every row has emitted EOS (with
+`stop_at_eos`); the unfilled tail of the response is pad with mask 0.
+
+`logprobs` are taken under the temperature-scaled distribution before top-k/top-p truncation:
+that is the policy PPO optimises (the training forward recomputes exactly these), while the
+truncation only decides which tokens can be drawn. For greedy decoding (temperature 0) the
+log-probs are under the untempered softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static sampling settings (hashable: one compiled program per distinct value)."""
+
+    max_new_tokens: int = 32       # response length R (the cache is P + R)
+    temperature: float = 0.7       # 0.0 means greedy
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0             # 1.0 = off
+    eos_token_ids: tuple[int, ...] = ()  # any of these ends a row
+    pad_token_id: int = 0          # written after EOS
+    stop_at_eos: bool = True       # False: always R tokens, EOS is an ordinary token (the peer bench)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@struct.dataclass
+class RolloutOutput:
+    tokens: jax.Array     # [B, P+R] prompt then response
+    response: jax.Array   # [B, R]
+    logprobs: jax.Array   # [B, R] float32, 0 on padding
+    mask: jax.Array       # [B, R] float32: 1 up to and including the first EOS
+    num_steps: jax.Array  # [] int32 decode steps actually run (< R when every row stopped early)
+
+
+@struct.dataclass
+class _LoopState:
+    step: jax.Array       # [] int32, index of the token being produced
+    token: jax.Array      # [B] the last sampled token (fed at the next step)
+    done: jax.Array       # [B] bool, row has emitted EOS
+    response: jax.Array   # [B, R]
+    logprobs: jax.Array   # [B, R]
+    mask: jax.Array       # [B, R]
+    cache: object         # KVCache
+    key: jax.Array
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Top-k then nucleus (top-p) truncation of `logits [B, V]`; removed entries get -inf-ish."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]                   # [B, 1]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]                # [B, V] descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # a token stays while the mass strictly before it is < top_p (the first always stays)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return logits
+
+
+def _choose(logits: jax.Array, key: jax.Array, params: SamplingParams):
+    """Sample one token per row from `logits [B, V]` -> (token [B], logprob [B])."""
+    logits = logits.astype(jnp.float32)
+    if params.greedy:
+        token = jnp.argmax(logits, axis=-1)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / params.temperature
+        logp_all = jax.nn.log_softmax(scaled, axis=-1)
+        token = jax.random.categorical(key, filter_logits(scaled, params.top_k, params.top_p), axis=-1)
+    token = token.astype(jnp.int32)
+    logprob = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+    return token, logprob
+
+
+def _is_eos(token: jax.Array, params: SamplingParams) -> jax.Array:
+    if not params.eos_token_ids:
+        return jnp.zeros(token.shape, bool)
+    return jnp.isin(token, jnp.asarray(params.eos_token_ids, token.dtype))
+
+
+def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
+           params: SamplingParams) -> RolloutOutput:
+    """Prefill + decode (traceable; call it inside jit, or use `generate`).
+
+    prompt_ids, prompt_mask: [B, P], left-padded.
+    """
+    if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got "
+                         f"{prompt_ids.shape} and {prompt_mask.shape}")
+    B, P = prompt_ids.shape
+    R = params.max_new_tokens
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    prompt_lens = prompt_mask.sum(-1)                                      # [B]
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)       # [B, P]
+
+    cache = model.init_cache(B, P + R)
+    logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0))
+    key, sub = jax.random.split(key)
+    token, logprob = _choose(logits[:, -1], sub, params)                   # [B], [B]
+
+    zeros_i = jnp.zeros((B, R), jnp.int32)
+    state = _LoopState(
+        step=jnp.int32(0), token=token, done=jnp.zeros((B,), bool),
+        response=zeros_i, logprobs=jnp.zeros((B, R), jnp.float32), mask=jnp.zeros((B, R), jnp.float32),
+        cache=cache, key=key,
+    )
+
+    def record(s: _LoopState, token, logprob) -> _LoopState:
+        # rows already done write pad with mask 0; the EOS token itself is part of the response
+        live = ~s.done
+        tok = jnp.where(live, token, params.pad_token_id)
+        done = s.done | (live & _is_eos(token, params)) if params.stop_at_eos else s.done
+        col = s.step
+        return s.replace(
+            token=tok,
+            done=done,
+            response=jax.lax.dynamic_update_slice(s.response, tok[:, None], (0, col)),
+            logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(live, logprob, 0.0)[:, None], (0, col)),
+            mask=jax.lax.dynamic_update_slice(s.mask, live.astype(jnp.float32)[:, None], (0, col)),
+        )
+
+    state = record(state, token, logprob)
+
+    def cond(s: _LoopState):
+        more = s.step + 1 < R
+        if params.stop_at_eos and params.eos_token_ids:
+            more = more & ~jnp.all(s.done)
+        return more
+
+    def body(s: _LoopState) -> _LoopState:
+        # feed the token produced at `step`, sitting in cache slot P + step
+        pos = (prompt_lens + s.step)[:, None]                              # [B, 1]
+        logits, cache = model.decode(s.token[:, None], jnp.ones((B, 1), jnp.int32), pos,
+                                     s.cache, P + s.step)
+        key, sub = jax.random.split(s.key)
+        token, logprob = _choose(logits[:, -1], sub, params)
+        s = s.replace(step=s.step + 1, cache=cache, key=key)
+        return record(s, token, logprob)
+
+    state = jax.lax.while_loop(cond, body, state)
+    tokens = jnp.concatenate([prompt_ids.astype(jnp.int32), state.response], axis=1)  # [B, P+R]
+    return RolloutOutput(tokens=tokens, response=state.response, logprobs=state.logprobs,
+                         mask=state.mask, num_steps=state.step + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"))
+def _generate_jit(graphdef, state, prompt_ids, prompt_mask, key, params):
+    model = nnx.merge(graphdef, state)
+    return sample(model, prompt_ids, prompt_mask, key, params)
+
+
+def generate(model, prompt_ids, prompt_mask, key, params: SamplingParams) -> RolloutOutput:
+    """Jitted sampling from an NNX model; compiled once per (model graph, shapes, params)."""
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, params)
