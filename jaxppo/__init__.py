@@ -7,6 +7,13 @@
 Names are imported lazily so `import jaxppo` stays cheap for the CLI's --help and error paths.
 """
 
+import os as _os
+
+# transformers warns at import that torch is absent; jaxppo uses it for tokenizers only
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

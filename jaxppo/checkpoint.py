@@ -172,13 +172,15 @@ class Checkpointer:
         return self._manager.best_step()
 
     # ------------------------------------------------------------------ restore
-    def restore(self, step: int | None, abstract_state) -> tuple[Any, dict]:
+    def restore(self, step: int | None, abstract_state, check_host=None) -> tuple[Any, dict]:
         """Returns `(state, host_state)` of `step`, or of the newest readable step if None.
 
         `abstract_state` has the structure of the saved state: `jax.ShapeDtypeStruct` leaves (e.g.
         `jax.eval_shape(lambda: state)`) or concrete arrays, whose shardings are used. The result
         has that structure, shapes and dtypes. Raises CheckpointError when there is no such step,
         when it cannot be read, or when its leaves differ from `abstract_state` (names the leaf).
+        `check_host(host_dict)` runs on the saved host state before any array is compared or read,
+        so a caller can refuse an incompatible run with its own message.
         """
         self.wait()   # a pending save may be deleting old steps
         target = _abstract(abstract_state)
@@ -187,13 +189,13 @@ class Checkpointer:
             if step not in self.all_steps():
                 raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
                                       f"(available: {self.all_steps() or 'none'})")
-            return self._restore_step(step, target)
+            return self._restore_step(step, target, check_host)
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
         for s in reversed(steps):
             try:
-                return self._restore_step(s, target)
+                return self._restore_step(s, target, check_host)
             except _UnreadableCheckpoint as e:
                 last = e
                 if s != steps[0]:
@@ -201,8 +203,15 @@ class Checkpointer:
                                   stacklevel=2)
         raise CheckpointError(f"no readable checkpoint in {self.directory} (newest error: {last})")
 
-    def _restore_step(self, step: int, target) -> tuple[Any, dict]:
+    def _restore_step(self, step: int, target, check_host=None) -> tuple[Any, dict]:
         where = self.directory / str(step)
+        if check_host is not None:
+            try:   # orbax's JsonSave writes the dict to <step>/host/metadata
+                early_host = json.loads((where / _HOST / "metadata").read_text())
+            except (OSError, ValueError):
+                early_host = None              # unreadable here: the full restore below reports it
+            if isinstance(early_host, dict):
+                check_host(early_host)
         try:
             saved = self._manager.item_metadata(step)[_STATE]
             saved_tree = None if saved is None else saved.tree

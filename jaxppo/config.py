@@ -167,7 +167,7 @@ class ModelConfig(_Section):
     tiny_arch: str = _field("gpt2",
         "architecture of the generated tiny model when policy is 'tiny'", choices=("gpt2", "llama", "qwen2"))
     reward_model: str | None = _field(None,
-        "HF folder of a sequence-classification reward model; null = reward functions/task only")
+        "HF folder of a sequence-classification reward model ('tiny' = a random tiny one); null = reward functions/task only")
     critic_init: str = _field("policy",
         "where the critic (value model) starts from", choices=("reward_model", "policy"))
     critic: str | None = _field(None,
@@ -210,7 +210,7 @@ class RewardConfig(_Section):
     functions: list[str] = _field([], "reward functions 'module:function' called as f(prompts, responses) -> scores")
     weights: list[float] = _field([], "weight of each reward function; empty = all 1.0")
     clip: float | None = _field(None, "clip scores to [-clip, clip]; null = no clipping", gt=0.0)
-    normalize: bool = _field(False, "normalize scores to zero mean and unit variance over each batch")
+    normalize: bool = _field(True, "normalize scores with a running mean and std over all batches so far (kl_coef then works in reward std units)")
     on_error: str = _field("raise",
         "a reward function that raises: stop the run, or give error_penalty", choices=("raise", "penalty"))
     error_penalty: float = _field(-1.0, "score given to a sample whose reward function raised (on_error=penalty)")
@@ -284,7 +284,7 @@ class PlateauConfig(_Section):
 @dataclass(**_SECTION)
 class OptimConfig(_Section):
     _prefix: ClassVar[str] = "optim"
-    lr: float = _field(3.0e-6, "policy learning rate (peak, after warmup)", gt=0.0)
+    lr: float = _field(3.0e-3, "policy learning rate (peak, after warmup); the default suits the tiny demo model, real LMs want ~1e-6 to 1e-5", gt=0.0)
     critic_lr: float | None = _field(None, "critic learning rate; null = lr", gt=0.0)
     schedule: str = _field("constant",
         "learning-rate schedule after warmup", choices=("constant", "linear", "cosine", "plateau"))
@@ -307,7 +307,7 @@ class OptimConfig(_Section):
 @dataclass(**_SECTION)
 class TrainConfig(_Section):
     _prefix: ClassVar[str] = "train"
-    total_steps: int = _field(60, "PPO iterations (rollout + update) to run", ge=1)
+    total_steps: int = _field(120, "PPO iterations (rollout + update) to run", ge=1)
     batch_size: int = _field(16, "prompts per iteration", ge=1)
     seed: int = _field(0, "seed of all randomness (sampling, shuffling, initialization)", ge=0)
     output_dir: str = _field("runs/demo", "run directory: config, logs, metrics, checkpoints, plots, final model")
@@ -386,9 +386,7 @@ class PPOConfig(_Section):
         if self.model.critic_init == "reward_model" and self.model.reward_model is None:
             raise ConfigError("model.critic_init=reward_model needs model.reward_model (got null)",
                               keys=("model.critic_init", "model.reward_model"))
-        if self.reward.task is None and not self.reward.functions and self.model.reward_model is None:
-            raise ConfigError("no reward source: set reward.task, reward.functions or model.reward_model",
-                              keys=("reward.task", "reward.functions", "model.reward_model"))
+        # "no reward source" is checked by PPOTrainer: Python callers may pass reward functions directly
 
 
 # ----------------------------------------------------------------------------- introspection

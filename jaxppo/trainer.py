@@ -1,0 +1,584 @@
+"""PPOTrainer: the host loop around the compiled PPO programs.
+
+    trainer = PPOTrainer(config)                    # loads models, builds optimisers and programs
+    summary = trainer.train(train_dataset, eval_dataset)
+
+Per iteration the host feeds one prompt batch, runs the reward functions on decoded text (if
+any), and pulls one dict of scalars (`jax.device_get`) for the logger, the progress bar, the
+KL/non-finite bookkeeping, early stopping and checkpoints. Everything else is device code in
+`step.PPOPrograms`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxppo import tasks
+from jaxppo.checkpoint import Checkpointer, find_checkpoint_dir
+from jaxppo.config import PPOConfig, save_config
+from jaxppo.data import PPODataset, PromptIterator, load_prompts, split_prompts, tokenize_prompts
+from jaxppo.errors import ConfigError, JaxppoError
+from jaxppo.logger import TrainingLogger
+from jaxppo.models import hf
+from jaxppo.optim import make_optimizer
+from jaxppo.rollout import SamplingParams
+from jaxppo.step import Frozen, PPOPrograms, StepSettings, TrainState, init_train_state
+from jaxppo.update import UpdateSettings
+
+
+class RewardError(JaxppoError):
+    """A reward function raised or returned something unusable."""
+
+
+class NonFiniteError(JaxppoError):
+    """Too many consecutive updates with non-finite losses or gradients."""
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same keys at every eval
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Persist compiled XLA programs across processes (a rerun or resume skips most compile time).
+
+    `JAXPPO_COMPILATION_CACHE=0` turns it off; another value is the folder to use.
+    """
+    env = os.environ.get("JAXPPO_COMPILATION_CACHE")
+    if env == "0":
+        return None
+    path = path or env or str(Path(os.environ.get("JAXPPO_CACHE", Path.home() / ".cache" / "jaxppo")) / "xla")
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+def tiny_model_dir(arch: str, seed: int = 0, reward_model: bool = False) -> str:
+    """A cached tiny checkpoint (made once per arch/seed; the demo's default policy)."""
+    from jaxppo.models.tiny import make_tiny
+
+    root = Path(os.environ.get("JAXPPO_CACHE", Path.home() / ".cache" / "jaxppo"))
+    path = root / f"tiny-{arch}-{'rm' if reward_model else 'lm'}-s{seed}"
+    if not (path / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        make_tiny(str(tmp), arch=arch, reward_model=reward_model, seed=seed)
+        try:
+            os.replace(tmp, path)              # atomic: a concurrent maker may have won, that's fine
+        except OSError:
+            pass
+    return str(path)
+
+
+def _fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg) -> dict:
+    """What a checkpoint must agree on with the config that resumes it."""
+    return {"policy": cfg.model.policy, "policy_arch": dataclasses.asdict(policy_cfg),
+            "critic_arch": dataclasses.asdict(critic_cfg), "reward_model": cfg.model.reward_model,
+            "critic_init": cfg.model.critic_init, "critic": cfg.model.critic}
+
+
+class PPOTrainer:
+    """PPO for a causal LM with a separate critic, a frozen reference and reward model/functions."""
+
+    def __init__(self, config: PPOConfig | None = None, resume_from_checkpoint: str | None = None, *,
+                 reward_functions: Sequence[Callable] | None = None):
+        self.config = config = config or PPOConfig()
+        enable_compilation_cache()
+        self.run_dir = Path(config.train.output_dir)
+        self.resume_from = resume_from_checkpoint
+        self._load_models()
+        self._reward_fns = self._build_reward_functions(reward_functions)
+        if not self._reward_fns and self.reward_model is None:
+            raise ConfigError("no reward source: set reward.task, reward.functions or model.reward_model")
+        self._build_programs()
+        self.logger: TrainingLogger | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.early_stopping_state = {"best": None, "bad_count": 0, "stopped": False, "reason": None}
+        self._nonfinite_streak = 0
+        self._stop_signal: int | None = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _load_models(self):
+        c = self.config.model
+        dtype = _DTYPES[c.dtype]
+        ref_dtype = _DTYPES[c.ref_dtype or c.dtype]
+        policy_path = c.policy
+        if policy_path == "tiny":
+            policy_path = tiny_model_dir(c.tiny_arch, seed=self.config.train.seed)
+        self.policy_path = policy_path
+        policy, self.tokenizer = hf.load_causal_lm(policy_path, dtype=dtype, remat=c.remat)
+        ref, _ = hf.load_causal_lm(policy_path, dtype=ref_dtype, param_dtype=ref_dtype)
+        self.reward_model = None
+        rm_path = c.reward_model
+        if rm_path == "tiny":     # a random tiny reward model sharing the tiny tokenizer (demos, tests)
+            rm_path = tiny_model_dir(c.tiny_arch, seed=self.config.train.seed + 1, reward_model=True)
+        self.reward_model_path = rm_path
+        if rm_path:
+            self.reward_model, rm_tok = hf.load_reward_model(rm_path, dtype=dtype)
+            _check_same_vocab(self.tokenizer, rm_tok, policy_path, rm_path)
+        if c.critic:
+            critic, critic_tok = hf.load_reward_model(c.critic, dtype=dtype, remat=c.remat)
+            _check_same_vocab(self.tokenizer, critic_tok, policy_path, c.critic)
+        elif c.critic_init == "reward_model":
+            critic, _ = hf.load_reward_model(rm_path, dtype=dtype, remat=c.remat)
+        else:
+            critic = hf.load_model(policy_path, head="scalar", fresh_head=True, dtype=dtype, remat=c.remat,
+                                   seed=self.config.train.seed)
+        for model, path in ((policy, policy_path), (self.reward_model, c.reward_model), (critic, c.critic or "critic")):
+            if model is not None and model.config.vocab_size < len(self.tokenizer):
+                raise ConfigError(f"{path}: the tokenizer has {len(self.tokenizer)} tokens but the model embeds only "
+                                  f"{model.config.vocab_size} (vocab_size in config.json)")
+        self.policy_config = policy.config
+        self.critic_config = critic.config
+        self._graphs = {"policy": nnx.split(policy)[0], "critic": nnx.split(critic)[0],
+                        "ref": nnx.split(ref)[0],
+                        "rm": None if self.reward_model is None else nnx.split(self.reward_model)[0]}
+        self._init_params = (nnx.split(policy)[1], nnx.split(critic)[1])
+        self.frozen = Frozen(ref=nnx.split(ref)[1],
+                             reward_model=None if self.reward_model is None else nnx.split(self.reward_model)[1])
+        self._template_policy = policy     # used to export the trained weights
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = tuple(sorted({eos} if isinstance(eos, int) else set(eos or ())))
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
+
+    def _build_reward_functions(self, extra):
+        r = self.config.reward
+        fns: list[tuple[str, Callable, float]] = []
+        if r.task:
+            fns.append((f"task:{r.task}", tasks.get_task(r.task).reward, 1.0))
+        weights = list(r.weights) or [1.0] * len(r.functions)
+        for spec, w in zip(r.functions, weights):
+            fns.append((spec, tasks.import_function(spec), float(w)))
+        for fn in extra or ():
+            fns.append((getattr(fn, "__name__", repr(fn)), fn, 1.0))
+        return fns
+
+    def _build_programs(self):
+        c = self.config
+        updates_per_iter = c.ppo.epochs * c.ppo.num_minibatches
+        total_updates = c.train.total_steps * updates_per_iter
+        ptx, psched = make_optimizer(c.optim, total_updates, updates_per_iteration=updates_per_iter)
+        ctx, csched = make_optimizer(c.optim, total_updates, lr=c.optim.critic_lr or c.optim.lr,
+                                     updates_per_iteration=updates_per_iter)
+        rc = c.rollout
+        sampling = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
+                                  top_p=rc.top_p, eos_token_ids=self.eos_ids if rc.stop_at_eos else (),
+                                  pad_token_id=self.pad_id, stop_at_eos=rc.stop_at_eos)
+        p = c.ppo
+        upd = UpdateSettings(epochs=p.epochs, num_minibatches=p.num_minibatches,
+                             grad_accum_steps=c.optim.grad_accum_steps, clip_eps=p.clip_eps,
+                             clip_value=p.clip_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
+                             temperature=rc.temperature or 1.0)
+        plateau_metric = c.optim.plateau.metric if c.optim.schedule == "plateau" else None
+        if plateau_metric is not None and not plateau_metric.startswith("objective/"):
+            raise ConfigError(f"optim.plateau.metric must be one of the objective/* metrics known before the "
+                              f"update (objective/scores, objective/kl, objective/rlhf_reward, ...), got {plateau_metric!r}")
+        settings = StepSettings(
+            sampling=sampling, update=upd, gamma=p.gamma, lam=p.lam, kl_estimator=p.kl_estimator,
+            adaptive_kl=None if p.adaptive_kl is None else (p.adaptive_kl.target, p.adaptive_kl.horizon),
+            whiten_advantages=p.whiten_advantages, missing_eos_penalty=rc.missing_eos_penalty,
+            reward_clip=c.reward.clip, normalize_rewards=c.reward.normalize,
+            forward_batch_size=rc.forward_batch_size, plateau_metric=plateau_metric,
+            plateau_sign=-1.0 if c.optim.plateau.mode == "max" else 1.0)
+        self.programs = PPOPrograms(policy_graph=self._graphs["policy"], critic_graph=self._graphs["critic"],
+                                    ref_graph=self._graphs["ref"], rm_graph=self._graphs["rm"],
+                                    txs=(ptx, ctx), schedules=(psched, csched), settings=settings,
+                                    updates_per_iteration=updates_per_iter)
+        self.state = init_train_state(*self._init_params, (ptx, ctx), c.train.seed, p.kl_coef)
+        del self._init_params
+
+    # ------------------------------------------------------------------ data
+    def _datasets(self, train_dataset, eval_dataset):
+        d = self.config.data
+        if train_dataset is None:
+            if d.prompts:
+                prompts = load_prompts(d.prompts, field=d.prompt_field)
+            elif self.config.reward.task:
+                prompts = tasks.get_task(self.config.reward.task).prompts()
+            else:
+                raise ConfigError("data.prompts is not set and reward.task gives no built-in prompts")
+            if eval_dataset is None and d.eval_prompts:
+                eval_dataset = PPODataset(load_prompts(d.eval_prompts, field=d.prompt_field))
+            if eval_dataset is None and d.eval_fraction > 0:
+                train, ev = split_prompts(prompts, d.eval_fraction, self.config.train.seed)
+                train_dataset, eval_dataset = PPODataset(train), PPODataset(ev)
+            else:
+                train_dataset = PPODataset(prompts)
+        elif eval_dataset is None and d.eval_prompts:
+            eval_dataset = PPODataset(load_prompts(d.eval_prompts, field=d.prompt_field))
+        return list(train_dataset), (list(eval_dataset) if eval_dataset is not None else [])
+
+    def _tokenize(self, prompts: list[str], source: str | None = None):
+        d = self.config.data
+        return tokenize_prompts(prompts, self.tokenizer, d.max_prompt_length, truncation=d.truncation,
+                                use_chat_template=d.use_chat_template, source=source)
+
+    # ------------------------------------------------------------------ rewards
+    def _function_scores(self, prompts: list[str], exp) -> np.ndarray:
+        B = len(prompts)
+        if not self._reward_fns:
+            return np.zeros(B, np.float32)
+        response, mask = jax.device_get((exp.response, exp.mask))
+        texts = [self.tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(response, mask)]
+        total = np.zeros(B, np.float64)
+        r = self.config.reward
+        for name, fn, weight in self._reward_fns:
+            try:
+                values = np.asarray(fn(prompts, texts), dtype=np.float64).reshape(-1)
+                if values.shape[0] != B:
+                    raise ValueError(f"returned {values.shape[0]} scores for {B} responses")
+            except Exception as e:  # noqa: BLE001 - user code
+                if r.on_error == "raise":
+                    raise RewardError(f"reward function {name} failed on prompt {prompts[0]!r}...: "
+                                      f"{type(e).__name__}: {e}") from None
+                self._log(f"warning: reward function {name} failed ({type(e).__name__}: {e}); "
+                          f"using reward.error_penalty={r.error_penalty} for the batch")
+                values = np.full(B, r.error_penalty, np.float64)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                i = int(np.argmax(bad))
+                if r.on_error == "raise":
+                    raise RewardError(f"reward function {name} returned {values[i]} for prompt {prompts[i]!r}")
+                self._log(f"warning: reward function {name} returned {int(bad.sum())} non-finite scores "
+                          f"(first for prompt {prompts[i]!r}); using reward.error_penalty={r.error_penalty}")
+                values = np.where(bad, r.error_penalty, values)
+            total += weight * values
+        return total.astype(np.float32)
+
+    # ------------------------------------------------------------------ logging helpers
+    def _log(self, message: str):
+        if self.logger is not None:
+            self.logger.log(message)
+        else:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset, step: int | None = None, *, log: bool = True) -> dict:
+        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate."""
+        prompts = list(eval_dataset)
+        if not prompts:
+            return {}
+        ids, mask = self._eval_arrays(prompts)
+        bs = self.config.train.eval_batch_size or self.config.train.batch_size
+        base = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), EVAL_KEY_SALT)
+        scores, kls, lengths, eos, samples = [], [], [], [], []
+        for b, start in enumerate(range(0, len(prompts), bs)):
+            idx = np.arange(start, start + bs) % len(prompts)     # wrap the last batch: one shape, one compile
+            n_real = min(bs, len(prompts) - start)
+            exp = self.programs.rollout(self.state, self.frozen, ids[idx], mask[idx], jax.random.fold_in(base, b))
+            batch_prompts = [prompts[i] for i in idx]
+            s = self._function_scores(batch_prompts, exp) + np.asarray(exp.rm_scores)
+            m = np.asarray(exp.mask)
+            kl = ((np.asarray(exp.logprobs) - np.asarray(exp.ref_logprobs)) * m).sum(-1)
+            has_eos = (np.isin(np.asarray(exp.response), self.eos_ids) & (m > 0)).any(-1) if self.eos_ids else np.zeros(len(m), bool)
+            scores.append(s[:n_real]); kls.append(kl[:n_real]); lengths.append(m.sum(-1)[:n_real])
+            eos.append(has_eos[:n_real])
+            if len(samples) < self.config.train.num_samples_logged:
+                resp = np.asarray(exp.response)
+                for i in range(n_real):
+                    if len(samples) >= self.config.train.num_samples_logged:
+                        break
+                    samples.append({"prompt": batch_prompts[i],
+                                    "response": self.tokenizer.decode(resp[i][m[i] > 0], skip_special_tokens=True),
+                                    "score": float(s[i])})
+        metrics = {"objective/scores": float(np.concatenate(scores).mean()),
+                   "objective/kl": float(np.concatenate(kls).mean()),
+                   "response_length": float(np.concatenate(lengths).mean()),
+                   "eos_rate": float(np.concatenate(eos).mean()),
+                   "num_prompts": float(len(prompts))}
+        if log and self.logger is not None:
+            step = int(self.state.step) if step is None else step
+            self.logger.log_metrics(metrics, step=step, split="eval")
+            self.logger.log_samples(samples, step=step)
+        return metrics
+
+    def _eval_arrays(self, prompts):
+        key = tuple(prompts)
+        if getattr(self, "_eval_cache", (None,))[0] != key:
+            ids, mask = self._tokenize(prompts, source=self.config.data.eval_prompts)
+            self._eval_cache = (key, *self._pad_to(ids, mask, getattr(self, "_prompt_len", ids.shape[1])))
+        return self._eval_cache[1], self._eval_cache[2]
+
+    def _pad_to(self, ids, mask, length):
+        """Left-pad (or left-trim padding) to `length` columns so train and eval share one program."""
+        n = ids.shape[1]
+        if n == length:
+            return ids, mask
+        if n > length:
+            return ids[:, n - length:], mask[:, n - length:]
+        pad = length - n
+        return (np.concatenate([np.full((ids.shape[0], pad), self.pad_id, ids.dtype), ids], axis=1),
+                np.concatenate([np.zeros((mask.shape[0], pad), mask.dtype), mask], axis=1))
+
+    # ------------------------------------------------------------------ early stopping
+    def check_early_stopping(self, value: float) -> bool:
+        """Feed the monitored metric; True when it has not improved for `patience` checks."""
+        es = self.config.early_stopping
+        st = self.early_stopping_state
+        if es.metric is None or value is None or not math.isfinite(value):
+            return False
+        best = st["best"]
+        improved = best is None or (value > best + es.min_delta if es.mode == "max" else value < best - es.min_delta)
+        if improved:
+            st["best"], st["bad_count"] = float(value), 0
+        else:
+            st["bad_count"] += 1
+        if st["bad_count"] >= es.patience:
+            st["stopped"] = True
+            st["reason"] = (f"early stopping: {es.metric} has not improved on {st['best']:.6g} "
+                            f"(mode {es.mode}, min_delta {es.min_delta}) for {st['bad_count']} checks")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _host_state(self, iterator) -> dict:
+        return {"iterator": iterator.state_dict(), "early_stopping": dict(self.early_stopping_state),
+                "nonfinite_streak": self._nonfinite_streak,
+                "fingerprint": _fingerprint(self.config, self.policy_config, self.critic_config)}
+
+    def _save_checkpoint(self, iterator, metrics: dict | None = None, force: bool = False):
+        if self.checkpointer is None:
+            return
+        step = int(self.state.step)
+        es_metric = self.config.early_stopping.metric
+        ck_metrics = None
+        if es_metric and metrics and es_metric in metrics and metrics[es_metric] is not None:
+            ck_metrics = {es_metric: float(metrics[es_metric])}
+        self.checkpointer.save(step, self.state, self._host_state(iterator), ck_metrics, force=force)
+
+    def _load_checkpoint(self, path: str | None, iterator) -> int:
+        """Restore state + host state; returns the step to continue from."""
+        if path is None:
+            directory, step = self.run_dir / "checkpoints", None
+            ckpt = self.checkpointer
+        else:
+            directory, step = find_checkpoint_dir(path)
+            ckpt = Checkpointer(directory, keep=self.config.train.keep_checkpoints, async_save=False, read_only=True)
+        want = _fingerprint(self.config, self.policy_config, self.critic_config)
+
+        def check(host):
+            got = host.get("fingerprint", {})
+            for k in want:
+                if json.dumps(got.get(k), sort_keys=True) != json.dumps(want[k], sort_keys=True):
+                    raise ConfigError(f"checkpoint in {directory} was made with a different model "
+                                      f"({k}: checkpoint {_short(got.get(k))} vs config {_short(want[k])}); "
+                                      f"refusing to resume")
+
+        state, host = ckpt.restore(step, jax.eval_shape(lambda: self.state), check_host=check)
+        self.state = state
+        iterator.load_state_dict(host["iterator"])
+        self.early_stopping_state.update(host.get("early_stopping", {}))
+        self._nonfinite_streak = int(host.get("nonfinite_streak", 0))
+        if ckpt is not self.checkpointer:
+            ckpt.close()
+        return int(state.step)
+
+    # ------------------------------------------------------------------ the loop
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:          # not the main thread
+                pass
+        return previous
+
+    def train(self, train_dataset=None, eval_dataset=None) -> dict:
+        c = self.config
+        train_prompts, eval_prompts = self._datasets(train_dataset, eval_dataset)
+        if len(train_prompts) == 0:
+            raise JaxppoError("the training dataset is empty")
+        train_ids, train_mask = self._tokenize(train_prompts, source=c.data.prompts)
+        prompt_len = train_ids.shape[1]
+        if eval_prompts:
+            eval_ids, _ = self._tokenize(eval_prompts, source=c.data.eval_prompts)
+            prompt_len = max(prompt_len, eval_ids.shape[1])
+        self._prompt_len = prompt_len
+        train_ids, train_mask = self._pad_to(train_ids, train_mask, prompt_len)
+        max_ctx = self.policy_config.max_position_embeddings
+        if prompt_len + c.rollout.max_new_tokens > max_ctx:
+            raise ConfigError(f"data.max_prompt_length/longest prompt ({prompt_len}) + rollout.max_new_tokens "
+                              f"({c.rollout.max_new_tokens}) exceeds the model context {max_ctx}")
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume = self.resume_from
+        self.logger = TrainingLogger(self.run_dir, tensorboard=c.logging.tensorboard, wandb=c.logging.wandb,
+                                     wandb_project=c.logging.wandb_project, wandb_mode=c.logging.wandb_mode,
+                                     config=_config_dict(c))
+        save_config(c, self.run_dir / "config.yaml")
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=c.train.keep_checkpoints,
+                                         best_metric=c.early_stopping.metric, best_mode=c.early_stopping.mode)
+        iterator = PromptIterator(len(train_prompts), c.train.batch_size, c.train.seed, shuffle=c.data.shuffle)
+        start = 0
+        if resume is not None:
+            start = self._load_checkpoint(None if resume == "latest" else resume, iterator)
+            self.logger.truncate_after(start)
+            self._log(f"resumed from step {start}")
+        self._log(f"policy {self.policy_path} ({_count(self.state.policy) / 1e6:.2f}M params), "
+                  f"critic {_count(self.state.critic) / 1e6:.2f}M; {len(train_prompts)} train / "
+                  f"{len(eval_prompts)} eval prompts, prompt length {prompt_len}; run dir {self.run_dir}")
+
+        previous_handlers = self._install_signal_handlers()
+        bar = _progress(c, start)
+        first_scores = None
+        t_start = time.perf_counter()
+        last_metrics: dict = {}
+        eval_metrics: dict = {}
+        stop_reason = None
+        try:
+            for step in range(start, c.train.total_steps):
+                t0 = time.perf_counter()
+                idx = next(iterator)
+                exp = self.programs.rollout(self.state, self.frozen, train_ids[idx], train_mask[idx],
+                                            self.programs.sample_key(self.state))
+                fn_scores = self._function_scores([train_prompts[i] for i in idx], exp)
+                jax.block_until_ready(exp.tokens)
+                t1 = time.perf_counter()
+                self.state, metrics = self.programs.update(self.state, exp, jnp.asarray(fn_scores))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one sync
+                t2 = time.perf_counter()
+                del exp
+                gen_tokens = c.train.batch_size * c.rollout.max_new_tokens
+                metrics.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/iteration": t2 - t0,
+                                "tokens_per_sec": gen_tokens / (t2 - t0), "episodes": float((step + 1) * c.train.batch_size)})
+                done = step + 1
+                nonfinite = metrics["nonfinite"] > 0
+                self._nonfinite_streak = self._nonfinite_streak + 1 if nonfinite else 0
+                metrics["nonfinite_streak"] = float(self._nonfinite_streak)
+                if first_scores is None:
+                    first_scores = metrics["objective/scores"]
+                last_metrics = metrics
+                self.history.append({"step": done, **metrics})
+                if nonfinite or done % c.train.log_every == 0 or done == c.train.total_steps:
+                    self.logger.log_metrics(metrics, step=done, split="train")
+                if nonfinite:
+                    self._log(f"warning: step {done}: non-finite loss or gradients; update skipped "
+                              f"({self._nonfinite_streak} in a row, limit {c.train.max_nonfinite_steps})")
+                    if self._nonfinite_streak >= c.train.max_nonfinite_steps:
+                        raise NonFiniteError(f"{self._nonfinite_streak} consecutive non-finite updates at step {done}; "
+                                             f"stopping with the last good checkpoint intact in {self.run_dir / 'checkpoints'}")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+
+                es_value = None
+                if c.train.eval_every and done % c.train.eval_every == 0 and eval_prompts and done < c.train.total_steps:
+                    eval_metrics = self.evaluate(eval_prompts, step=done)
+                    self._log(_fmt("eval", done, eval_metrics))
+                es_value = self._early_stopping_value(metrics, eval_metrics, done)
+                if es_value is not None and self.check_early_stopping(es_value):
+                    stop_reason = self.early_stopping_state["reason"]
+                if c.train.save_every and done % c.train.save_every == 0 and done < c.train.total_steps:
+                    self._save_checkpoint(iterator, {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
+                if stop_reason or self._stop_signal is not None:
+                    break
+        except BaseException:
+            # the last complete checkpoint stays intact; finish pending writes and close the files
+            self.checkpointer.close()
+            self.logger.close()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+        if self._stop_signal is not None:
+            stop_reason = f"received signal {signal.Signals(self._stop_signal).name}"
+            self._save_checkpoint(iterator, None, force=True)
+            self.checkpointer.wait()
+            self._log(f"{stop_reason}: saved checkpoint at step {int(self.state.step)}; resume with --resume")
+            self.logger.close()
+            return {"stopped": stop_reason, "step": int(self.state.step)}
+        if stop_reason:
+            self._log(stop_reason)
+
+        if eval_prompts:
+            eval_metrics = self.evaluate(eval_prompts, step=int(self.state.step))
+            self._log(_fmt("eval", int(self.state.step), eval_metrics))
+        self._save_checkpoint(iterator, {**last_metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}}, force=True)
+        self.checkpointer.wait()
+        self.export(self.run_dir / "final_model")
+        try:
+            from jaxppo.plots import plot_run
+            plot_run(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - plots never cost a finished run
+            self._log(f"warning: plotting failed: {type(e).__name__}: {e}")
+        summary = {
+            "steps": int(self.state.step),
+            "first/objective/scores": first_scores,
+            "last/objective/scores": last_metrics.get("objective/scores"),
+            "last/objective/kl": last_metrics.get("objective/kl"),
+            "eval": eval_metrics,
+            "stopped": stop_reason,
+            "wall_sec": time.perf_counter() - t_start,
+            "run_dir": str(self.run_dir),
+        }
+        self._log("summary: " + json.dumps(summary, default=str))
+        self.checkpointer.close()
+        self.logger.close()
+        return summary
+
+    def _early_stopping_value(self, metrics, eval_metrics, step):
+        name = self.config.early_stopping.metric
+        if name is None:
+            return None
+        if name.startswith("eval/"):
+            fresh = self.config.train.eval_every and step % self.config.train.eval_every == 0
+            return eval_metrics.get(name[len("eval/"):]) if fresh else None
+        return metrics.get(name)
+
+    # ------------------------------------------------------------------ export
+    def export(self, path) -> str:
+        """Write the current policy as an HF folder (config.json, model.safetensors, tokenizer)."""
+        model = nnx.merge(self._graphs["policy"], self.state.policy)
+        hf.save_pretrained(model, self.tokenizer, str(path))
+        return str(path)
+
+
+def _check_same_vocab(tok_a, tok_b, path_a, path_b):
+    """The reward model and critic read the policy's token ids unchanged: vocabularies must agree."""
+    if len(tok_a) != len(tok_b) or tok_a.get_vocab() != tok_b.get_vocab():
+        raise ConfigError(f"tokenizer mismatch: {path_b} has a different vocabulary ({len(tok_b)} tokens) from the "
+                          f"policy {path_a} ({len(tok_a)} tokens); the models must share one tokenizer")
+
+
+def _short(value, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[:limit] + "...}"
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _config_dict(cfg):
+    from jaxppo.config import config_to_dict
+    return config_to_dict(cfg)
+
+
+def _fmt(split, step, metrics):
+    return f"{split} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def _progress(cfg, start):
+    if not cfg.logging.progress_bar:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.train.total_steps, initial=start, desc="ppo", unit="it", dynamic_ncols=True)

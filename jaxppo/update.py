@@ -1,0 +1,158 @@
+"""The PPO update: epochs ⊃ minibatches ⊃ micro-batches as nested `lax.scan`.
+
+One call does `epochs x num_minibatches` optimiser steps for the policy and the critic over one
+rollout batch (Schulman et al. 2017, as in TRL's PPOTrainer):
+
+    for epoch:                                    # a fresh permutation of the B rows
+        for minibatch (B / M rows):
+            g = sum over micro-batches of  d/dθ [ Σ pg_tok + vf_coef Σ vf_tok - ent_coef Σ ent_tok ] / N
+            θ <- optax step(g)                    # N = valid tokens in the whole minibatch
+
+Dividing the micro-batch token sums by the minibatch's token count N makes gradient accumulation
+exact: the summed gradient equals the gradient of the big minibatch's token mean, whatever the
+response lengths (averaging micro-batch means would weight short responses up).
+
+Metrics are token-weighted means over every minibatch of every epoch, not the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from jaxppo.masked import masked_sum
+
+
+@struct.dataclass
+class PPOBatch:
+    """One rollout, ready for the update. P prompt slots, R response slots."""
+
+    tokens: jax.Array         # [B, P+R] prompt + response ids
+    attention_mask: jax.Array  # [B, P+R] 0 on left padding of the prompt
+    response: jax.Array       # [B, R]
+    mask: jax.Array           # [B, R] float32, 1 up to and including the first EOS
+    old_logprobs: jax.Array   # [B, R]
+    old_values: jax.Array     # [B, R]
+    advantages: jax.Array     # [B, R]
+    returns: jax.Array        # [B, R]
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    epochs: int = 4
+    num_minibatches: int = 2
+    grad_accum_steps: int = 1
+    clip_eps: float = 0.2
+    clip_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    temperature: float = 0.7   # the training forward scores logits / T, as the sampler did
+
+
+def response_logits(model, tokens, attention_mask, response_len: int):
+    """Logits predicting each response token: positions P-1 .. P+R-2 of the full sequence.
+
+    tokens [B, P+R] -> [B, R, V]
+    """
+    logits = model(tokens, attention_mask)               # [B, P+R, V]
+    return logits[:, -response_len - 1:-1]
+
+
+def response_values(model, tokens, attention_mask, response_len: int):
+    """Critic values for the state before each response token -> [B, R]."""
+    values = model(tokens, attention_mask)               # [B, P+R]
+    return values[:, -response_len - 1:-1]
+
+
+def _micro_loss(params, graphdefs, mb: PPOBatch, n_tokens, s: UpdateSettings):
+    policy = nnx.merge(graphdefs[0], params[0])
+    critic = nnx.merge(graphdefs[1], params[1])
+    R = mb.response.shape[1]
+    logits = response_logits(policy, mb.tokens, mb.attention_mask, R).astype(jnp.float32) / s.temperature
+    logprobs = logprobs_from_logits(logits, mb.response)
+    values = response_values(critic, mb.tokens, mb.attention_mask, R)
+    _, pg = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, s.clip_eps)
+    _, vf = value_loss(values, mb.old_values, mb.returns, mb.mask, s.clip_value)
+    ent_sum = masked_sum(entropy_from_logits(logits), mb.mask)
+    total = (pg["loss_sum"] + s.vf_coef * vf["loss_sum"] - s.ent_coef * ent_sum) / n_tokens
+    sums = {
+        "pg_loss": pg["loss_sum"], "pg_clipfrac": pg["clipfrac_sum"], "approxkl": pg["approxkl_sum"],
+        "ratio": pg["ratio_sum"], "vf_loss": vf["loss_sum"], "vf_clipfrac": vf["clipfrac_sum"],
+        "entropy": ent_sum, "tokens": pg["count"],
+    }
+    return total, sums
+
+
+def _take(batch: PPOBatch, idx):
+    return jax.tree.map(lambda x: x[idx], batch)
+
+
+def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: UpdateSettings,
+               plateau_value=None):
+    """Run all epochs and minibatches. Pure; jit it (the trainer does, in `step.py`).
+
+    graphdefs, params, opt_states, txs: pairs (policy, critic).
+    Returns (params, opt_states, metrics) with metrics token-weighted over all minibatches.
+    """
+    B = batch.tokens.shape[0]
+    M, A = s.num_minibatches, s.grad_accum_steps
+    if B % (M * A):
+        raise ValueError(f"batch {B} must divide into {M} minibatches x {A} micro-batches")
+    mb_size, micro = B // M, B // (M * A)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    extra = {} if plateau_value is None else {"value": plateau_value}
+
+    def minibatch_step(carry, idx):                      # idx [mb_size]
+        params, opt_states = carry
+        mb = _take(batch, idx)
+        n_tokens = jnp.maximum(mb.mask.sum(), 1.0)
+        micro_batches = jax.tree.map(lambda x: x.reshape((A, micro) + x.shape[1:]), mb)  # [A, micro, ...]
+
+        def accumulate(acc, mbi):
+            (_, sums), grads = grad_fn(params, graphdefs, mbi, n_tokens, s)
+            return jax.tree.map(jnp.add, acc, (grads, sums)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params),
+                 {k: jnp.float32(0) for k in ("pg_loss", "pg_clipfrac", "approxkl", "ratio", "vf_loss",
+                                               "vf_clipfrac", "entropy", "tokens")})
+        if A == 1:
+            (grads, sums), _ = accumulate(zeros, jax.tree.map(lambda x: x[0], micro_batches))
+        else:
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+        new_params, new_opts = [], []
+        for p, g, o, tx in zip(params, grads, opt_states, txs):
+            updates, o = tx.update(g, o, p, **extra)
+            new_params.append(optax.apply_updates(p, updates))
+            new_opts.append(o)
+        sums["grad_norm_policy"] = optax.tree.norm(grads[0])
+        sums["grad_norm_critic"] = optax.tree.norm(grads[1])
+        return (tuple(new_params), tuple(new_opts)), sums
+
+    def epoch_step(carry, epoch_key):
+        perm = jax.random.permutation(epoch_key, B).reshape(M, mb_size)   # [M, B/M]
+        return jax.lax.scan(minibatch_step, carry, perm)
+
+    (params, opt_states), sums = jax.lax.scan(
+        epoch_step, (tuple(params), tuple(opt_states)), jax.random.split(key, s.epochs))
+    # sums: each leaf [epochs, M]
+    n = jnp.maximum(sums["tokens"].sum(), 1.0)
+    mean = {k: sums[k].sum() / n for k in ("pg_loss", "pg_clipfrac", "approxkl", "ratio", "vf_loss",
+                                           "vf_clipfrac", "entropy")}
+    metrics = {
+        "loss/policy_avg": mean["pg_loss"],
+        "loss/value_avg": mean["vf_loss"],
+        "policy/approxkl_avg": mean["approxkl"],
+        "policy/clipfrac_avg": mean["pg_clipfrac"],
+        "policy/entropy_avg": mean["entropy"],
+        "val/clipfrac_avg": mean["vf_clipfrac"],
+        "val/ratio": mean["ratio"],
+        "policy/grad_norm": sums["grad_norm_policy"].mean(),
+        "val/grad_norm": sums["grad_norm_critic"].mean(),
+    }
+    return params, opt_states, metrics
