@@ -1,0 +1,175 @@
+"""Seconds per PPO iteration on the same work as the TRL peer (`../shared/peers/trl_ppo_bench.py`).
+
+    python experiments/bench_ppo.py --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models \\
+        --batch 16 --prompt-len 16 --response-length 32 --ppo-epochs 4 --num-mini-batches 2 \\
+        --iters 10 --warmup 1
+
+`--model-dir` is `make_tiny_models.py` output: policy/ (GPT-2 LM), value/ and reward/
+(GPT-2 sequence classifiers), prompts.jsonl. As in the peer: a separate reference copy of the
+policy, a separate value model and reward model, temperature 0.7 over the full vocabulary, no stop
+token (exactly R tokens), prompts cut to their first `--prompt-len` tokens (no padding), AdamW at
+lr 3e-6 with linear decay and no gradient clipping, kl_coef 0.05, clip 0.2/0.2, vf_coef 0.1,
+gamma 1, lambda 0.95, whitened advantages.
+
+One iteration = `programs.rollout` (sampling + reference/value/reward forwards, one jitted
+program) + `programs.update` (shaping, GAE, E x M optimiser steps, one jitted program) + the host's
+one `device_get` of the metrics: what `PPOTrainer.train` runs per step, minus logging.
+
+Prints one JSON line: `sec_per_iter_median`, the phase split (`rollout` = generate + scoring
+forwards; `generate` timed separately with the same sampler; `scoring_forwards` = their
+difference; `update`), generated tokens/s, an MFU estimate against a measured f32 matmul peak of
+this machine, and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+
+def matmul_peak_flops(n: int = 1024, reps: int = 10) -> float:
+    """Best-of f32 matmul FLOP/s of this machine under XLA (the MFU denominator)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--num-mini-batches", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--lr", type=float, default=3e-6)
+    ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-json")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxppo.config import load_config
+    from jaxppo.rollout import generate
+    from jaxppo.trainer import PPOTrainer
+
+    d = os.path.expanduser(args.model_dir)
+    total = args.warmup + args.iters
+    cfg = load_config(None, [
+        f"model.policy={d}/policy", f"model.reward_model={d}/reward", f"model.critic={d}/value",
+        f"model.dtype={args.dtype}", "reward.task=null",
+        f"rollout.max_new_tokens={args.response_length}", f"rollout.temperature={args.temperature}",
+        "rollout.stop_at_eos=false", "rollout.top_k=0", "rollout.top_p=1.0",
+        f"ppo.epochs={args.ppo_epochs}", f"ppo.num_minibatches={args.num_mini_batches}",
+        f"ppo.kl_coef={args.kl_coef}", "ppo.clip_eps=0.2", "ppo.clip_value=0.2", "ppo.vf_coef=0.1",
+        "ppo.ent_coef=0.0", "ppo.gamma=1.0", "ppo.lam=0.95", "ppo.kl_estimator=k1", "ppo.whiten_advantages=true",
+        f"optim.lr={args.lr}", "optim.schedule=linear", "optim.warmup_steps=0", "optim.max_grad_norm=null",
+        "optim.weight_decay=0.0", f"train.batch_size={args.batch}", f"train.total_steps={total}",
+        f"train.seed={args.seed}", "logging.tensorboard=false", "logging.progress_bar=false",
+    ])
+    trainer = PPOTrainer(cfg)
+    tok = trainer.tokenizer
+    with open(os.path.join(d, "prompts.jsonl")) as f:
+        texts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    rows = [ids[:args.prompt_len] for ids in (tok(t)["input_ids"] for t in texts) if len(ids) >= args.prompt_len]
+    ids_all = np.asarray(rows, np.int32)                          # [N, P], no padding
+    mask_all = np.ones_like(ids_all)
+    n_batches = len(rows) // args.batch
+    zeros = jnp.zeros((args.batch,), jnp.float32)
+    programs, frozen = trainer.programs, trainer.frozen
+
+    times, t_roll, t_upd = [], [], []
+    t_compile = None
+    for i in range(total):
+        sl = slice((i % n_batches) * args.batch, (i % n_batches + 1) * args.batch)
+        t0 = time.perf_counter()
+        exp = programs.rollout(trainer.state, frozen, ids_all[sl], mask_all[sl], programs.sample_key(trainer.state))
+        jax.block_until_ready(exp.tokens)
+        t1 = time.perf_counter()
+        trainer.state, metrics = programs.update(trainer.state, exp, zeros)
+        metrics = jax.device_get(metrics)
+        t2 = time.perf_counter()
+        if i == 0:
+            t_compile = t2 - t0
+        if i >= args.warmup:
+            times.append(t2 - t0)
+            t_roll.append(t1 - t0)
+            t_upd.append(t2 - t1)
+
+    # generation alone, with the same sampler settings and the trained policy
+    policy = trainer._template_policy
+    from flax import nnx
+    nnx.update(policy, trainer.state.policy)
+    sampling = programs.s.sampling
+    key = jax.random.PRNGKey(1)
+    jax.block_until_ready(generate(policy, ids_all[:args.batch], mask_all[:args.batch], key, sampling).tokens)
+    t_gen = []
+    for i in range(max(5, args.iters)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(generate(policy, ids_all[:args.batch], mask_all[:args.batch],
+                                       jax.random.fold_in(key, i), sampling).tokens)
+        t_gen.append(time.perf_counter() - t0)
+
+    med = statistics.median(times)
+    # model FLOPs: 2*N per token forward, 6*N forward+backward (N = non-embedding + head params)
+    n_policy = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state.policy))
+    n_critic = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state.critic))
+    S = args.prompt_len + args.response_length
+    B = args.batch
+    flops = (2 * n_policy * B * S                          # sampling (prefill + decode)
+             + 2 * (n_policy + 2 * n_critic) * B * S       # ref, value, reward forwards
+             + args.ppo_epochs * 6 * (n_policy + n_critic) * B * S)   # every row once per epoch
+    peak = matmul_peak_flops()
+    out = {
+        "impl": "jaxppo", "batch": B, "prompt_len": args.prompt_len, "response_length": args.response_length,
+        "ppo_epochs": args.ppo_epochs, "num_mini_batches": args.num_mini_batches,
+        "optimizer_steps_per_iter": args.ppo_epochs * args.num_mini_batches, "iters": args.iters,
+        "warmup_iters": args.warmup, "dtype": args.dtype,
+        "sec_per_iter_median": round(med, 4), "sec_per_iter_min": round(min(times), 4),
+        "sec_per_iter_max": round(max(times), 4), "sec_per_iter_all": [round(t, 4) for t in times],
+        "tokens_generated_per_sec": round(B * args.response_length / med, 1),
+        "phase_median_sec": {
+            "rollout": round(statistics.median(t_roll), 4),
+            "generate": round(statistics.median(t_gen), 4),
+            "scoring_forwards": round(max(statistics.median(t_roll) - statistics.median(t_gen), 0.0), 4),
+            "update": round(statistics.median(t_upd), 4),
+        },
+        "first_iter_sec_incl_compile": round(t_compile, 2),
+        "model_flops_per_iter": flops, "matmul_peak_gflops": round(peak / 1e9, 1),
+        "achieved_gflops": round(flops / med / 1e9, 2), "mfu": round(flops / med / peak, 4),
+        "policy_params": n_policy, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+        "total_wall_sec": round(time.perf_counter() - t_start, 2),
+        "final_objective_kl": float(metrics["objective/kl"]),
+    }
+    line = json.dumps(out)
+    print(line)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
