@@ -100,7 +100,7 @@ class PPOPrograms:
     """The compiled phases of an iteration, built once per trainer (one compile each)."""
 
     def __init__(self, *, policy_graph, critic_graph, ref_graph, rm_graph, txs, schedules,
-                 settings: StepSettings, updates_per_iteration: int):
+                 settings: StepSettings, updates_per_iteration: int, state_shardings=None):
         self.graphs = (policy_graph, critic_graph)
         self.ref_graph, self.rm_graph = ref_graph, rm_graph
         self.txs, self.schedules = tuple(txs), tuple(schedules)
@@ -108,7 +108,10 @@ class PPOPrograms:
         self.updates_per_iteration = updates_per_iteration
         self.rollout = jax.jit(self._rollout)
         self.sample_key = jax.jit(self._sample_key)
-        self.update = jax.jit(self._update, donate_argnames=("state",))
+        # pinning the state's output shardings to its input ones keeps one compiled program and
+        # the FSDP layout from iteration to iteration (None: single device, nothing to pin)
+        out = None if state_shardings is None else (state_shardings, None)
+        self.update = jax.jit(self._update, donate_argnames=("state",), out_shardings=out)
 
     # ------------------------------------------------------------------ keys
     @staticmethod

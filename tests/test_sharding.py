@@ -1,0 +1,79 @@
+"""Mesh and partition rules; the same run on 1 and 8 (virtual CPU) devices gives the same metrics."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxppo.sharding import FSDP, make_mesh, spec_for
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from jaxppo.config import load_config
+    from jaxppo.trainer import PPOTrainer
+    from jaxppo.sharding import _path_str
+    out_dir, prompts = sys.argv[1], sys.argv[2]
+    cfg = load_config(None, [
+        "train.total_steps=2", "train.batch_size=8", "rollout.max_new_tokens=8", "ppo.epochs=2",
+        "ppo.num_minibatches=1", "logging.progress_bar=false", "logging.tensorboard=false",
+        "data.max_prompt_length=24", "data.eval_fraction=0.0", f"data.prompts={prompts}",
+        "optim.lr=1e-3", f"train.output_dir={out_dir}"])
+    t = PPOTrainer(cfg)
+    t.train()
+    specs = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(t.state.policy)[0]:
+        specs[_path_str(path)] = str(leaf.sharding.spec)
+    print("RESULT " + json.dumps({"devices": jax.device_count(), "history": t.history, "specs": specs}))
+""")
+
+
+def run_on(n_devices, tmp_path):
+    from jaxppo.tasks import demo_prompts
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(demo_prompts(16, seed=3)) + "\n")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / f"run{n_devices}"), str(prompts)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_spec_rules():
+    assert spec_for("layers.0.attn.qkv.kernel.value", (64, 192), 8) == P(None, FSDP)
+    assert spec_for("layers.0.mlp.fc_out.kernel.value", (256, 64), 8) == P(FSDP, None)
+    assert spec_for("embed.embedding.value", (512, 64), 8) == P(FSDP, None)
+    assert spec_for("embed.embedding.value", (97, 64), 8) == P()          # not divisible: replicated
+    assert spec_for("layers.0.attn_norm.scale.value", (64,), 8) == P()
+    assert spec_for("0.mu.lm_head.kernel.value", (64, 512), 8) == P(None, FSDP)   # Adam moments follow params
+    assert spec_for("step", (), 8) == P()
+
+
+def test_make_mesh_sizes():
+    mesh = make_mesh()
+    assert mesh.devices.size == jax.device_count()
+    with pytest.raises(ValueError, match="does not use"):
+        make_mesh(data=3, fsdp=5)
+
+
+@pytest.mark.slow
+def test_one_vs_eight_devices_same_metrics(tmp_path):
+    one = run_on(1, tmp_path)
+    eight = run_on(8, tmp_path)
+    assert one["devices"] == 1 and eight["devices"] == 8
+    # the parameters really are sharded on 8 devices
+    assert "fsdp" in eight["specs"]["layers.0.attn.qkv.kernel.value"]
+    assert "fsdp" in eight["specs"]["embed.embedding.value"]
+    assert all("fsdp" not in s for s in one["specs"].values())
+    keys = ["objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
+            "policy/approxkl_avg", "val/ratio", "objective/rlhf_reward"]
+    for a, b in zip(one["history"], eight["history"]):
+        for k in keys:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=f"step {a['step']} {k}")
