@@ -21,6 +21,7 @@ while it was being deleted) is skipped by `restore(None, ...)` in favour of the 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -82,20 +83,28 @@ class Checkpointer:
             policies.append(ocp.checkpoint_managers.BestN(
                 get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
                 keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            # best_fn is not used for retention here (preservation_policy overrides it), but orbax
-            # only writes `metrics/` when it is set; without it the best step is forgotten on restart.
-            best_fn=best_fn,
-            best_mode=best_mode,
-            enable_async_checkpointing=async_save,
-            read_only=read_only,
-            create=not read_only,
-        )
-        registry = ocp.handlers.create_default_handler_registry(
-            **{_STATE: ocp.StandardCheckpointHandler(), _HOST: ocp.JsonCheckpointHandler()})
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              handler_registry=registry)
+        # read-only managers log a few absl WARNING lines about the options they ignore: noise on a console
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+                # best_fn is not used for retention here (preservation_policy overrides it), but orbax
+                # only writes `metrics/` when it is set; without it the best step is forgotten on restart.
+                best_fn=best_fn,
+                best_mode=best_mode,
+                enable_async_checkpointing=async_save,
+                read_only=read_only,
+                create=not read_only,
+            )
+            registry = ocp.handlers.create_default_handler_registry(
+                **{_STATE: ocp.StandardCheckpointHandler(), _HOST: ocp.JsonCheckpointHandler()})
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  handler_registry=registry)
+        finally:
+            absl_logger.setLevel(level)
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, host_state: dict, metrics: dict | None = None, *,

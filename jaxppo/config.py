@@ -36,7 +36,7 @@ from jaxppo.errors import ConfigError
 __all__ = [
     "ModelConfig", "DataConfig", "RewardConfig", "RolloutConfig", "AdaptiveKLConfig", "PPOSectionConfig",
     "PlateauConfig", "OptimConfig", "TrainConfig", "EarlyStoppingConfig", "LoggingConfig", "PPOConfig",
-    "load_config", "save_config", "config_to_dict", "describe_fields",
+    "load_config", "save_config", "config_to_dict", "describe_fields", "check_devices",
 ]
 
 
@@ -318,6 +318,8 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = _field(3, "stop after this many consecutive skipped non-finite updates", ge=1)
     log_every: int = _field(1, "write metrics every N iterations", ge=1)
     num_samples_logged: int = _field(4, "generations written to samples.jsonl at each evaluation", ge=0)
+    mesh_data: int = _field(1, "devices on the data-parallel mesh axis (-1 = all left over)", ge=-1)
+    mesh_fsdp: int = _field(-1, "devices on the FSDP axis that shards params and optimizer state (-1 = all left over)", ge=-1)
 
     def _validate(self) -> None:
         if not self.output_dir:
@@ -615,6 +617,17 @@ def _convert(e: OmegaConfBaseException, layers: Sequence[_Layer]) -> ConfigError
     return ConfigError(f"{where}{key + ': ' if key else ''}{_first_line(e)}", keys=(key,) if key else ())
 
 
+def _merge_into(target: dict, values: Mapping) -> None:
+    """Deep merge of plain mappings: values of `values` replace those of `target` (lists whole)."""
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            if not isinstance(target.get(key), dict):
+                target[key] = {}          # a fresh dict: the layers' own values are never modified
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PPOConfig:
     """Defaults <- YAML file at `path` <- dotted `overrides` (`["ppo.kl_coef=0.1", ...]`, YAML values).
 
@@ -632,7 +645,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         except ConfigError as e:
             raise ConfigError(f"{_locate([layer], e.keys)}{e}", keys=e.keys) from None
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(PPOConfig), *(OmegaConf.create(l.values) for l in layers))
+        # the layers are merged as plain values first, so a later layer replaces a bad earlier value
+        # (an override fixes the YAML) and an error names the layer whose value is in effect
+        combined: dict = {}
+        for layer in layers:
+            _merge_into(combined, layer.values)
+        merged = OmegaConf.merge(OmegaConf.structured(PPOConfig), OmegaConf.create(combined))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _convert(e, layers) from None
@@ -661,3 +679,31 @@ def save_config(config: PPOConfig, path: str | os.PathLike) -> None:
         fh.write("# jaxppo config (fully resolved): python -m jaxppo.train --config this.yaml\n")
         fh.write(config_to_yaml(config))
     os.replace(tmp, path)
+
+
+def check_devices(config: PPOConfig, num_devices: int) -> None:
+    """Raises ConfigError unless the device mesh and the batch sizes fit `num_devices` devices.
+
+    The mesh (train.mesh_data x train.mesh_fsdp, -1 = the devices left over) must use every device,
+    and each batch is split evenly over all of them: train.batch_size and train.eval_batch_size
+    must be multiples of the device count. Called by `PPOTrainer` before it loads any model.
+    """
+    t, n = config.train, int(num_devices)
+    data, fsdp = t.mesh_data, t.mesh_fsdp
+    keys = ("train.mesh_data", "train.mesh_fsdp")
+    for key, value in zip(keys, (data, fsdp)):
+        if value == 0:
+            raise ConfigError(f"{key}=0: expected a device count >= 1, or -1 for the devices left over", keys=(key,))
+    if data == -1 and fsdp == -1:
+        raise ConfigError("train.mesh_data=-1 and train.mesh_fsdp=-1: at most one axis can take the devices "
+                          "left over", keys=keys)
+    used = data * fsdp if -1 not in (data, fsdp) else max(data, fsdp)
+    if (-1 in (data, fsdp) and n % used) or (-1 not in (data, fsdp) and used != n):
+        raise ConfigError(f"train.mesh_data={data} x train.mesh_fsdp={fsdp} does not fit the {n} device(s): "
+                          f"the mesh must use them all", keys=keys)
+    if t.batch_size % n:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of devices ({n}): "
+                          "each device takes an equal share of every batch", keys=("train.batch_size",))
+    if t.eval_batch_size is not None and t.eval_batch_size % n:
+        raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is not divisible by the number of devices "
+                          f"({n}): each device takes an equal share of every batch", keys=("train.eval_batch_size",))

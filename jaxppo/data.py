@@ -210,13 +210,16 @@ def tokenize_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int, tr
             if truncation == "error":
                 raise DataError(f"{_where(i, source)}: the prompt has {len(ids)} tokens, more than "
                                 f"data.max_prompt_length={max_length} (data.truncation=left keeps the last tokens)")
+            if not n_truncated:
+                first_truncated = f"{_where(i, source)}, {len(ids)} tokens"
             n_truncated += 1
             keep_bos = bos is not None and ids[0] == bos and max_length > 1
             ids = ([bos] if keep_bos else []) + ids[len(ids) - (max_length - keep_bos):]
         rows.append(ids)
     if n_truncated:
         warnings.warn(f"{n_truncated} of {len(rows)} prompts were longer than data.max_prompt_length={max_length} "
-                      "tokens and were truncated on the left", stacklevel=2)
+                      f"tokens and were truncated on the left (first: {first_truncated}; "
+                      "data.truncation=error stops instead)", stacklevel=2)
 
     length = max(len(r) for r in rows)
     input_ids = np.full((len(rows), length), pad_id, dtype=np.int32)  # [N, L]

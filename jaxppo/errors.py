@@ -8,7 +8,7 @@ no traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["JaxppoError", "ConfigError", "DataError"]
+__all__ = ["JaxppoError", "ConfigError", "DataError", "one_line"]
 
 
 class JaxppoError(Exception):
@@ -29,3 +29,13 @@ class ConfigError(JaxppoError, ValueError):
 
 class DataError(JaxppoError, ValueError):
     """Invalid data: missing or malformed prompt file, prompts that do not fit, bad tokenizer."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """The first non-empty line of `text` (an exception's message, say), cut to `limit` characters,
+    so that a message built from it stays one line."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(lines) > 1:
+        first += " ..."
+    return first if len(first) <= limit else first[: limit - 3] + "..."

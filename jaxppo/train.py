@@ -35,23 +35,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def preflight(config, resume: str | None) -> None:
+    """The checks that need no model, run before any model is loaded (which may take minutes):
+    prompt files (every line parsed), reward sources, the resume checkpoint, the run directory.
+    The trainer makes them again; here they just fail sooner. Raises JaxppoError."""
+    from jaxppo import tasks
+    from jaxppo.checkpoint import find_checkpoint_dir
+    from jaxppo.data import load_prompt_records
+    from jaxppo.errors import ConfigError
+
+    d, r = config.data, config.reward
+    if d.prompts:
+        load_prompt_records(d.prompts, field=d.prompt_field)
+    elif not r.task:
+        raise ConfigError("data.prompts is not set and reward.task is null: no prompts to train on")
+    if d.eval_prompts:
+        load_prompt_records(d.eval_prompts, field=d.prompt_field)
+    if r.task:
+        tasks.get_task(r.task)
+    for spec in r.functions:
+        tasks.import_function(spec)
+    if not r.task and not r.functions and config.model.reward_model is None:
+        raise ConfigError("no reward source: set reward.task, reward.functions or model.reward_model")
+    if resume is not None:
+        find_checkpoint_dir(os.path.join(config.train.output_dir, "checkpoints") if resume == "latest" else resume)
+    out = config.train.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"train.output_dir={out!r} is a file, not a directory")
+    if config.logging.wandb:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb is on but wandb is not installed: pip install 'jaxppo[wandb]'")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": none is needed
+    args = build_parser().parse_intermixed_args(argv)   # overrides may come before and after the flags
     from jaxppo.errors import JaxppoError
 
     try:
         from jaxppo.config import load_config
-        from jaxppo.trainer import PPOTrainer
 
         overrides = list(args.overrides)
         if args.output_dir:
             overrides.append(f"train.output_dir={args.output_dir}")
         config = load_config(args.config, overrides)
         resume = args.resume_from or ("latest" if args.resume else None)
-        if args.resume and not args.resume_from:
-            from jaxppo.checkpoint import find_checkpoint_dir
-            find_checkpoint_dir(os.path.join(config.train.output_dir, "checkpoints"))  # fail before loading models
+        preflight(config, resume)
+
+        from jaxppo.trainer import PPOTrainer
+
         trainer = PPOTrainer(config, resume_from_checkpoint=resume)
         summary = trainer.train()
     except JaxppoError as e:

@@ -36,6 +36,7 @@ from jaxppo.logger import TrainingLogger
 from jaxppo.models import hf
 from jaxppo.optim import make_optimizer
 from jaxppo.rollout import SamplingParams
+from jaxppo.sharding import make_mesh, shard_batch, shard_tree, tree_shardings
 from jaxppo.step import Frozen, PPOPrograms, StepSettings, TrainState, init_train_state
 from jaxppo.update import UpdateSettings
 
@@ -114,6 +115,9 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _load_models(self):
+        # bad input that needs no model: fail before loading (and, on accelerators, sharding) anything
+        from jaxppo.config import check_devices
+        check_devices(self.config, jax.device_count())
         c = self.config.model
         dtype = _DTYPES[c.dtype]
         ref_dtype = _DTYPES[c.ref_dtype or c.dtype]
@@ -195,41 +199,72 @@ class PPOTrainer:
             reward_clip=c.reward.clip, normalize_rewards=c.reward.normalize,
             forward_batch_size=rc.forward_batch_size, plateau_metric=plateau_metric,
             plateau_sign=-1.0 if c.optim.plateau.mode == "max" else 1.0)
+        # one mesh over all local devices: batch over (data, fsdp), params/opt state FSDP-sharded
+        self.mesh = make_mesh(data=c.train.mesh_data, fsdp=c.train.mesh_fsdp)
+        state = init_train_state(*self._init_params, (ptx, ctx), c.train.seed, p.kl_coef)
+        del self._init_params
+        self.state = shard_tree(state, self.mesh)
+        self.frozen = shard_tree(self.frozen, self.mesh)
+        shardings = tree_shardings(self.state, self.mesh) if self.mesh.devices.size > 1 else None
         self.programs = PPOPrograms(policy_graph=self._graphs["policy"], critic_graph=self._graphs["critic"],
                                     ref_graph=self._graphs["ref"], rm_graph=self._graphs["rm"],
                                     txs=(ptx, ctx), schedules=(psched, csched), settings=settings,
-                                    updates_per_iteration=updates_per_iter)
-        self.state = init_train_state(*self._init_params, (ptx, ctx), c.train.seed, p.kl_coef)
-        del self._init_params
+                                    updates_per_iteration=updates_per_iter, state_shardings=shardings)
 
     # ------------------------------------------------------------------ data
-    def _datasets(self, train_dataset, eval_dataset):
+    def _datasets(self, train_dataset, eval_dataset) -> tuple[PPODataset, PPODataset]:
+        """(train, eval) PPODatasets; prompts read from files keep their 'file:line' sources."""
         d = self.config.data
+
+        def as_dataset(x):
+            return x if isinstance(x, PPODataset) else PPODataset(list(x))
+
         if train_dataset is None:
             if d.prompts:
-                prompts = load_prompts(d.prompts, field=d.prompt_field)
+                prompts = PPODataset.from_file(d.prompts, field=d.prompt_field)
             elif self.config.reward.task:
-                prompts = tasks.get_task(self.config.reward.task).prompts()
+                prompts = PPODataset(tasks.get_task(self.config.reward.task).prompts())
             else:
-                raise ConfigError("data.prompts is not set and reward.task gives no built-in prompts")
+                raise ConfigError("data.prompts is not set and reward.task is null: no prompts to train on",
+                                  keys=("data.prompts",))
             if eval_dataset is None and d.eval_prompts:
-                eval_dataset = PPODataset(load_prompts(d.eval_prompts, field=d.prompt_field))
+                eval_dataset = PPODataset.from_file(d.eval_prompts, field=d.prompt_field)
             if eval_dataset is None and d.eval_fraction > 0:
-                train, ev = split_prompts(prompts, d.eval_fraction, self.config.train.seed)
-                train_dataset, eval_dataset = PPODataset(train), PPODataset(ev)
+                train_dataset, eval_dataset = split_prompts(prompts, d.eval_fraction, self.config.train.seed)
             else:
-                train_dataset = PPODataset(prompts)
+                train_dataset = prompts
         elif eval_dataset is None and d.eval_prompts:
-            eval_dataset = PPODataset(load_prompts(d.eval_prompts, field=d.prompt_field))
-        return list(train_dataset), (list(eval_dataset) if eval_dataset is not None else [])
+            eval_dataset = PPODataset.from_file(d.eval_prompts, field=d.prompt_field)
+        return as_dataset(train_dataset), as_dataset(eval_dataset if eval_dataset is not None else [])
 
-    def _tokenize(self, prompts: list[str], source: str | None = None):
+    def _tokenize(self, prompts: list[str], source: str | Sequence[str] | None = None):
+        """Token ids and mask of `prompts`; `source` (a file name or one 'file:line' per prompt) names the
+        culprit of a DataError. The truncation warning goes to the console and train.log, once."""
+        import warnings
+
         d = self.config.data
-        return tokenize_prompts(prompts, self.tokenizer, d.max_prompt_length, truncation=d.truncation,
-                                use_chat_template=d.use_chat_template, source=source)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = tokenize_prompts(prompts, self.tokenizer, d.max_prompt_length, truncation=d.truncation,
+                                   use_chat_template=d.use_chat_template, source=source)
+        seen = self.__dict__.setdefault("_tokenize_warnings", set())
+        for w in caught:
+            if str(w.message) not in seen:
+                seen.add(str(w.message))
+                self._log(f"warning: {w.message}")
+        return out
 
     # ------------------------------------------------------------------ rewards
     def _function_scores(self, prompts: list[str], exp) -> np.ndarray:
+        """Weighted sum of the reward functions' scores on the decoded responses: float32 [B].
+
+        A function that raises (or returns the wrong number of scores) on the batch is called again
+        on each row to find the prompt at fault; a non-finite score names its prompt too. With
+        reward.on_error=raise that is a RewardError, with penalty the rows at fault score
+        reward.error_penalty (with a warning) and the others keep their scores.
+        """
+        from jaxppo.errors import one_line
+
         B = len(prompts)
         if not self._reward_fns:
             return np.zeros(B, np.float32)
@@ -237,25 +272,58 @@ class PPOTrainer:
         texts = [self.tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(response, mask)]
         total = np.zeros(B, np.float64)
         r = self.config.reward
-        for name, fn, weight in self._reward_fns:
+        sources = getattr(self, "_prompt_sources", {})
+
+        def show(text: str, limit: int = 80) -> str:
+            return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+        def prompt_at(i: int) -> str:
+            """The prompt, cut short, and where it comes from ('prompts.jsonl:7') if known."""
+            where = sources.get(prompts[i])
+            return show(prompts[i]) + (f" ({where})" if where else "")
+
+        def call(fn, p, t):
+            """(scores float64 [len(p)], None) or (None, what went wrong)."""
             try:
-                values = np.asarray(fn(prompts, texts), dtype=np.float64).reshape(-1)
-                if values.shape[0] != B:
-                    raise ValueError(f"returned {values.shape[0]} scores for {B} responses")
+                values = np.asarray(fn(p, t), dtype=np.float64).reshape(-1)
             except Exception as e:  # noqa: BLE001 - user code
-                if r.on_error == "raise":
-                    raise RewardError(f"reward function {name} failed on prompt {prompts[0]!r}...: "
-                                      f"{type(e).__name__}: {e}") from None
-                self._log(f"warning: reward function {name} failed ({type(e).__name__}: {e}); "
-                          f"using reward.error_penalty={r.error_penalty} for the batch")
-                values = np.full(B, r.error_penalty, np.float64)
+                return None, f"{type(e).__name__}: {one_line(e)}"
+            if values.shape[0] != len(p):
+                return None, f"returned {values.shape[0]} scores for {len(p)} responses"
+            return values, None
+
+        for name, fn, weight in self._reward_fns:
+            values, error = call(fn, prompts, texts)
+            if error is not None:
+                values, failed = np.full(B, r.error_penalty, np.float64), []
+                for i in range(B):             # the batch call does not say which row is at fault
+                    row, row_error = call(fn, prompts[i:i + 1], texts[i:i + 1])
+                    if row_error is None:
+                        values[i] = row[0]
+                        continue
+                    failed.append(i)
+                    if r.on_error == "raise":
+                        raise RewardError(f"reward function {name} failed on prompt {prompt_at(i)} "
+                                          f"(response {show(texts[i])}): {row_error}")
+                    if len(failed) == 1:
+                        error = f"{row_error}; first on prompt {prompt_at(i)}"
+                if not failed:                 # every row passes alone: the batch as a whole is at fault
+                    if r.on_error == "raise":
+                        raise RewardError(f"reward function {name} failed on a batch of {B} prompts "
+                                          f"(first {prompt_at(0)}): {error}")
+                    values[:], failed = r.error_penalty, list(range(B))
+                self._log(f"warning: reward function {name} failed on {len(failed)} of {B} responses ({error}); "
+                          f"they score reward.error_penalty={r.error_penalty}")
             bad = ~np.isfinite(values)
             if bad.any():
                 i = int(np.argmax(bad))
                 if r.on_error == "raise":
-                    raise RewardError(f"reward function {name} returned {values[i]} for prompt {prompts[i]!r}")
+                    raise RewardError(f"reward function {name} returned {values[i]} for prompt {prompt_at(i)} "
+                                      f"(response {show(texts[i])}); reward.on_error=penalty scores such "
+                                      "responses reward.error_penalty instead")
                 self._log(f"warning: reward function {name} returned {int(bad.sum())} non-finite scores "
-                          f"(first for prompt {prompts[i]!r}); using reward.error_penalty={r.error_penalty}")
+                          f"(first {values[i]} for prompt {prompt_at(i)}); "
+                          f"using reward.error_penalty={r.error_penalty}")
                 values = np.where(bad, r.error_penalty, values)
             total += weight * values
         return total.astype(np.float32)
@@ -280,7 +348,8 @@ class PPOTrainer:
         for b, start in enumerate(range(0, len(prompts), bs)):
             idx = np.arange(start, start + bs) % len(prompts)     # wrap the last batch: one shape, one compile
             n_real = min(bs, len(prompts) - start)
-            exp = self.programs.rollout(self.state, self.frozen, ids[idx], mask[idx], jax.random.fold_in(base, b))
+            exp = self.programs.rollout(self.state, self.frozen, shard_batch(ids[idx], self.mesh),
+                                        shard_batch(mask[idx], self.mesh), jax.random.fold_in(base, b))
             batch_prompts = [prompts[i] for i in idx]
             s = self._function_scores(batch_prompts, exp) + np.asarray(exp.rm_scores)
             m = np.asarray(exp.mask)
@@ -376,10 +445,10 @@ class PPOTrainer:
             for k in want:
                 if json.dumps(got.get(k), sort_keys=True) != json.dumps(want[k], sort_keys=True):
                     raise ConfigError(f"checkpoint in {directory} was made with a different model "
-                                      f"({k}: checkpoint {_short(got.get(k))} vs config {_short(want[k])}); "
-                                      f"refusing to resume")
+                                      f"({_first_difference(k, got.get(k), want[k])}); refusing to resume")
 
-        state, host = ckpt.restore(step, jax.eval_shape(lambda: self.state), check_host=check)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        state, host = ckpt.restore(step, target, check_host=check)
         self.state = state
         iterator.load_state_dict(host["iterator"])
         self.early_stopping_state.update(host.get("early_stopping", {}))
@@ -402,33 +471,56 @@ class PPOTrainer:
 
     def train(self, train_dataset=None, eval_dataset=None) -> dict:
         c = self.config
-        train_prompts, eval_prompts = self._datasets(train_dataset, eval_dataset)
-        if len(train_prompts) == 0:
-            raise JaxppoError("the training dataset is empty")
-        train_ids, train_mask = self._tokenize(train_prompts, source=c.data.prompts)
+        # bad input (prompts, context length, resume target, run dir) fails here, before the run
+        # directory is touched and before anything is compiled
+        train_ds, eval_ds = self._datasets(train_dataset, eval_dataset)
+        if len(train_ds) == 0:
+            from jaxppo.errors import DataError
+            raise DataError("the training dataset is empty")
+        train_prompts, eval_prompts = list(train_ds), list(eval_ds)
+        self._prompt_sources = dict(zip(train_prompts, train_ds.sources or ()))  # reward errors name file:line
+        train_ids, train_mask = self._tokenize(train_prompts, source=train_ds.sources or c.data.prompts)
         prompt_len = train_ids.shape[1]
         if eval_prompts:
-            eval_ids, _ = self._tokenize(eval_prompts, source=c.data.eval_prompts)
+            eval_ids, _ = self._tokenize(eval_prompts, source=eval_ds.sources or c.data.eval_prompts)
             prompt_len = max(prompt_len, eval_ids.shape[1])
         self._prompt_len = prompt_len
         train_ids, train_mask = self._pad_to(train_ids, train_mask, prompt_len)
         max_ctx = self.policy_config.max_position_embeddings
         if prompt_len + c.rollout.max_new_tokens > max_ctx:
-            raise ConfigError(f"data.max_prompt_length/longest prompt ({prompt_len}) + rollout.max_new_tokens "
-                              f"({c.rollout.max_new_tokens}) exceeds the model context {max_ctx}")
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"the longest prompt ({prompt_len} tokens, data.max_prompt_length="
+                              f"{c.data.max_prompt_length}) + rollout.max_new_tokens={c.rollout.max_new_tokens} "
+                              f"= {prompt_len + c.rollout.max_new_tokens} tokens exceed the context of "
+                              f"{self.policy_path} (max_position_embeddings={max_ctx})",
+                              keys=("rollout.max_new_tokens", "data.max_prompt_length"))
         resume = self.resume_from
-        self.logger = TrainingLogger(self.run_dir, tensorboard=c.logging.tensorboard, wandb=c.logging.wandb,
-                                     wandb_project=c.logging.wandb_project, wandb_mode=c.logging.wandb_mode,
-                                     config=_config_dict(c))
-        save_config(c, self.run_dir / "config.yaml")
+        if resume is not None:   # a missing checkpoint is reported before the run dir is written to
+            find_checkpoint_dir(self.run_dir / "checkpoints" if resume == "latest" else resume)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"train.output_dir={str(self.run_dir)!r} is a file, not a directory",
+                              keys=("train.output_dir",))
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.output_dir={str(self.run_dir)!r}: cannot create the run directory "
+                              f"({e.strerror or e})", keys=("train.output_dir",)) from None
+
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=c.train.keep_checkpoints,
                                          best_metric=c.early_stopping.metric, best_mode=c.early_stopping.mode)
         iterator = PromptIterator(len(train_prompts), c.train.batch_size, c.train.seed, shuffle=c.data.shuffle)
         start = 0
+        try:
+            # restore (and refuse a checkpoint of another model) before config.yaml and the logs are written
+            if resume is not None:
+                start = self._load_checkpoint(None if resume == "latest" else resume, iterator)
+            self.logger = TrainingLogger(self.run_dir, tensorboard=c.logging.tensorboard, wandb=c.logging.wandb,
+                                         wandb_project=c.logging.wandb_project, wandb_mode=c.logging.wandb_mode,
+                                         config=_config_dict(c))
+        except BaseException:
+            self.checkpointer.close()
+            raise
+        save_config(c, self.run_dir / "config.yaml")
         if resume is not None:
-            start = self._load_checkpoint(None if resume == "latest" else resume, iterator)
             self.logger.truncate_after(start)
             self._log(f"resumed from step {start}")
         self._log(f"policy {self.policy_path} ({_count(self.state.policy) / 1e6:.2f}M params), "
@@ -446,12 +538,12 @@ class PPOTrainer:
             for step in range(start, c.train.total_steps):
                 t0 = time.perf_counter()
                 idx = next(iterator)
-                exp = self.programs.rollout(self.state, self.frozen, train_ids[idx], train_mask[idx],
-                                            self.programs.sample_key(self.state))
+                exp = self.programs.rollout(self.state, self.frozen, shard_batch(train_ids[idx], self.mesh),
+                                            shard_batch(train_mask[idx], self.mesh), self.programs.sample_key(self.state))
                 fn_scores = self._function_scores([train_prompts[i] for i in idx], exp)
                 jax.block_until_ready(exp.tokens)
                 t1 = time.perf_counter()
-                self.state, metrics = self.programs.update(self.state, exp, jnp.asarray(fn_scores))
+                self.state, metrics = self.programs.update(self.state, exp, shard_batch(fn_scores, self.mesh))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one sync
                 t2 = time.perf_counter()
                 del exp
@@ -559,9 +651,13 @@ def _check_same_vocab(tok_a, tok_b, path_a, path_b):
                           f"policy {path_a} ({len(tok_a)} tokens); the models must share one tokenizer")
 
 
-def _short(value, limit: int = 120) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[:limit] + "...}"
+def _first_difference(key: str, got, want) -> str:
+    """'policy_arch.hidden_size: checkpoint 64 vs config 128' for the first field that differs."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        for k in sorted(set(got) | set(want)):
+            if json.dumps(got.get(k), sort_keys=True) != json.dumps(want.get(k), sort_keys=True):
+                return _first_difference(f"{key}.{k}", got.get(k), want.get(k))
+    return f"{key}: checkpoint {got!r} vs config {want!r}"
 
 
 def _count(params) -> int:

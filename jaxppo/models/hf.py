@@ -49,13 +49,31 @@ def _get(d: dict, key: str, source: str, default: Any = ...) -> Any:
     return default
 
 
+def _int(d: dict, key: str, source: str, default: Any = ..., minimum: int = 1) -> int:
+    """An integer field of config.json (sizes, counts), with a message naming the key when it is not one."""
+    value = _get(d, key, source, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ModelLoadError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(d: dict, key: str, source: str, default: Any = ...) -> float:
+    value = _get(d, key, source, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelLoadError(f"{source}: {key} must be a number, got {value!r}")
+    return float(value)
+
+
 def _rope_params(d: dict, source: str) -> tuple[float, tuple | None]:
     """(rope_theta, rope_scaling) from transformers 5 `rope_parameters` or legacy rope_theta/rope_scaling."""
     params = dict(d.get("rope_parameters") or {})
     if not params:
         params = dict(d.get("rope_scaling") or {})
         params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-    theta = float(params.pop("rope_theta", d.get("rope_theta") or 10000.0))
+    raw_theta = params.pop("rope_theta", d.get("rope_theta") or 10000.0)
+    if isinstance(raw_theta, bool) or not isinstance(raw_theta, (int, float)):
+        raise ModelLoadError(f"{source}: rope_theta must be a number, got {raw_theta!r}")
+    theta = float(raw_theta)
     rope_type = params.get("rope_type", params.get("type")) or "default"
     if rope_type == "default":
         return theta, None
@@ -85,13 +103,15 @@ def config_from_hf(d: dict, source: str = "config.json") -> TransformerConfig:
                 )
             if d.get("add_cross_attention"):
                 raise ModelLoadError(f"{source}: add_cross_attention unsupported")
-            hidden = _get(d, "n_embd", source)
+            hidden, heads = _int(d, "n_embd", source), _int(d, "n_head", source)
+            if hidden % heads:
+                raise ModelLoadError(f"{source}: n_embd={hidden} is not divisible by n_head={heads}")
             cfg = TransformerConfig(
-                arch="gpt2", model_type="gpt2", vocab_size=_get(d, "vocab_size", source), hidden_size=hidden,
-                num_layers=_get(d, "n_layer", source), num_heads=_get(d, "n_head", source),
-                intermediate_size=_get(d, "n_inner", source, 4 * hidden),
-                max_position_embeddings=_get(d, "n_positions", source, 1024),
-                norm_eps=_get(d, "layer_norm_epsilon", source, 1e-5),
+                arch="gpt2", model_type="gpt2", vocab_size=_int(d, "vocab_size", source), hidden_size=hidden,
+                num_layers=_int(d, "n_layer", source), num_heads=heads,
+                intermediate_size=_int(d, "n_inner", source, 4 * hidden),
+                max_position_embeddings=_int(d, "n_positions", source, 1024),
+                norm_eps=_number(d, "layer_norm_epsilon", source, 1e-5),
                 qkv_bias=True, o_bias=True, mlp_bias=True,
                 tie_word_embeddings=d.get("tie_word_embeddings", True),
                 activation=_get(d, "activation_function", source, "gelu_new"),
@@ -99,22 +119,29 @@ def config_from_hf(d: dict, source: str = "config.json") -> TransformerConfig:
             )
         else:
             theta, scaling = _rope_params(d, source)
-            heads = _get(d, "num_attention_heads", source)
+            hidden, heads = _int(d, "hidden_size", source), _int(d, "num_attention_heads", source)
+            kv_heads, head_dim = _int(d, "num_key_value_heads", source, heads), _int(d, "head_dim", source, 0, minimum=0)
+            if heads % kv_heads:
+                raise ModelLoadError(f"{source}: num_attention_heads={heads} is not divisible by "
+                                     f"num_key_value_heads={kv_heads}")
+            if not head_dim and hidden % heads:
+                raise ModelLoadError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+                                     "(and head_dim is not set)")
             bias = bool(d.get("attention_bias", False))
             cfg = TransformerConfig(
-                arch="llama", model_type=model_type, vocab_size=_get(d, "vocab_size", source),
-                hidden_size=_get(d, "hidden_size", source), num_layers=_get(d, "num_hidden_layers", source),
-                num_heads=heads, num_kv_heads=_get(d, "num_key_value_heads", source, heads),
-                head_dim=_get(d, "head_dim", source, 0), intermediate_size=_get(d, "intermediate_size", source),
-                max_position_embeddings=_get(d, "max_position_embeddings", source, 2048),
-                norm_eps=_get(d, "rms_norm_eps", source, 1e-6), rope_theta=theta, rope_scaling=scaling,
+                arch="llama", model_type=model_type, vocab_size=_int(d, "vocab_size", source),
+                hidden_size=hidden, num_layers=_int(d, "num_hidden_layers", source),
+                num_heads=heads, num_kv_heads=kv_heads,
+                head_dim=head_dim, intermediate_size=_int(d, "intermediate_size", source),
+                max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
+                norm_eps=_number(d, "rms_norm_eps", source, 1e-6), rope_theta=theta, rope_scaling=scaling,
                 qkv_bias=bias or model_type == "qwen2", o_bias=bias, mlp_bias=bool(d.get("mlp_bias", False)),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),
                 activation=_get(d, "hidden_act", source, "silu"), hf_config=json.dumps(d), **ids,
             )
     except ModelLoadError:
         raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArithmeticError) as e:
         raise ModelLoadError(f"{source}: {e}") from None
     return cfg
 
@@ -248,10 +275,14 @@ class _Tensors:
             self.where = None
         elif os.path.isfile(index):
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ModelLoadError(f"{index}: malformed safetensors index ({e})") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise ModelLoadError(f"{index}: malformed safetensors index ({type(e).__name__}: {e})") from None
+            except OSError as e:
+                raise ModelLoadError(f"{index}: cannot read ({e.strerror or e})") from None
             files = {name: os.path.join(folder, name) for name in sorted(set(weight_map.values()))}
             self.where = weight_map
         else:
@@ -301,10 +332,14 @@ def _read_config(path: str) -> dict:
     if not os.path.isfile(cfg_path):
         raise ModelLoadError(f"{cfg_path}: missing config.json")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{cfg_path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
     if not isinstance(d, dict):
         raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(d).__name__}")
     return d
@@ -381,6 +416,14 @@ def load_model(
     if prefix + embed not in tensors and embed in tensors:
         prefix = ""
     entries = _layout(config, head, prefix)
+    archs = d.get("architectures")
+    if head == "scalar" and not fresh_head and "score.weight" not in tensors:
+        raise ModelLoadError(f"{tensors.file('score.weight')}: missing tensor 'score.weight': {path} is not a "
+                             f"reward/value model (architectures: {archs}); expected a *ForSequenceClassification "
+                             "folder with num_labels=1")
+    if any(e.path == "lm_head.kernel" for e in entries) and "lm_head.weight" not in tensors:
+        raise ModelLoadError(f"{tensors.file('lm_head.weight')}: missing tensor 'lm_head.weight' (architectures: "
+                             f"{archs}, tie_word_embeddings=false); expected a causal-LM folder")
     if head == "scalar" and fresh_head:
         entries = [e for e in entries if e.path != "score.kernel"]
     if head == "scalar" and "score.weight" in tensors and not fresh_head and tensors.shape("score.weight")[0] != 1:
