@@ -280,6 +280,16 @@ class PlateauConfig(_Section):
     rtol: float = _field(1e-4, "relative improvement that counts", ge=0.0)
     atol: float = _field(0.0, "absolute improvement that counts", ge=0.0)
 
+    def _validate(self) -> None:
+        if self.rtol == 0 and self.atol == 0:
+            raise ConfigError("optim.plateau.rtol and optim.plateau.atol are both 0: one must be positive",
+                              keys=("optim.plateau.rtol", "optim.plateau.atol"))
+        if self.metric not in ("objective/scores", "objective/rlhf_reward", "objective/kl",
+                               "objective/non_score_reward", "objective/entropy"):
+            raise ConfigError(f"optim.plateau.metric={self.metric!r}: the plateau schedule is driven inside the update "
+                              f"by a metric known before it: objective/scores, objective/rlhf_reward, objective/kl, "
+                              f"objective/non_score_reward or objective/entropy", keys=("optim.plateau.metric",))
+
 
 @dataclass(**_SECTION)
 class OptimConfig(_Section):

@@ -189,9 +189,6 @@ class PPOTrainer:
                              clip_value=p.clip_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
                              temperature=rc.temperature or 1.0)
         plateau_metric = c.optim.plateau.metric if c.optim.schedule == "plateau" else None
-        if plateau_metric is not None and not plateau_metric.startswith("objective/"):
-            raise ConfigError(f"optim.plateau.metric must be one of the objective/* metrics known before the "
-                              f"update (objective/scores, objective/kl, objective/rlhf_reward, ...), got {plateau_metric!r}")
         settings = StepSettings(
             sampling=sampling, update=upd, gamma=p.gamma, lam=p.lam, kl_estimator=p.kl_estimator,
             adaptive_kl=None if p.adaptive_kl is None else (p.adaptive_kl.target, p.adaptive_kl.horizon),

@@ -171,3 +171,13 @@ def test_reward_function_failures(tmp_path):
     row = read_metrics(tmp_path / "pen" / "metrics.jsonl", split="train")[0]
     np.testing.assert_allclose(row["objective/scores"], (-2.0 + 0.5 * 3) / 4, rtol=1e-6)
     assert "non-finite" in (tmp_path / "pen" / "train.log").read_text()
+
+
+def test_plateau_schedule_runs_and_reports_lr(tmp_path):
+    trainer = PPOTrainer(make(tmp_path, "train.total_steps=3", "optim.schedule=plateau",
+                              "optim.plateau.patience=0", "optim.plateau.factor=0.5", "optim.plateau.atol=1e9",
+                              "optim.plateau.mode=max"))
+    trainer.train()
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", split="train")]
+    # atol 1e9: no iteration counts as an improvement, so every decision halves the scale
+    assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4], rel=1e-6)
