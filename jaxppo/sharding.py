@@ -113,7 +113,11 @@ def shard_batch(x, mesh: Mesh):
     n = mesh.devices.size
     if x.shape[0] % n:
         raise ValueError(f"batch of {x.shape[0]} rows does not split over {n} devices")
-    return jax.device_put(x, batch_sharding(mesh, x.ndim))
+    if jax.process_count() == 1:
+        return jax.device_put(x, batch_sharding(mesh, x.ndim))
+    # several hosts: every process holds the same global batch and supplies its own devices' rows
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -98,6 +98,8 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig | None = None, resume_from_checkpoint: str | None = None, *,
                  reward_functions: Sequence[Callable] | None = None):
         self.config = config = config or PPOConfig()
+        if os.environ.get("JAXPPO_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
+            jax.distributed.initialize()      # coordinator/process ids from the environment (SLURM, TPU, ...)
         enable_compilation_cache()
         self.run_dir = Path(config.train.output_dir)
         self.resume_from = resume_from_checkpoint
