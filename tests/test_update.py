@@ -122,3 +122,17 @@ def test_indivisible_batch_raises():
     batch = make_batch()
     with pytest.raises(ValueError, match="minibatches"):
         run_update(UpdateSettings(num_minibatches=3), batch)
+
+
+def test_remat_under_jit_grad_of_merged_params():
+    """model.remat in the trainer's setting: params split outside, merged inside jit(grad(...))."""
+    from jaxppo.models.transformer import Transformer
+    ids = jnp.arange(12).reshape(2, 6) % 97
+    out = []
+    for remat in (False, True):
+        g, p = nnx.split(Transformer(small_model().config, remat=remat, rngs=nnx.Rngs(0)))
+        v, grads = jax.jit(jax.value_and_grad(lambda p: nnx.merge(g, p)(ids).sum()))(p)
+        out.append((v, grads))
+    np.testing.assert_allclose(float(out[0][0]), float(out[1][0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -322,7 +322,18 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), kv
 
 
-_remat_block = nnx.remat(Block.__call__)
+def _remat_block(layer: Block, x, rope, mask, kv=None, cache_index=None):
+    """Block.__call__ under `jax.checkpoint`: activations inside the block are recomputed in the
+    backward pass. The block is split into (graph, params) and merged inside the checkpointed pure
+    function, so it composes with an outer `jax.grad` / `jax.jit` over merged params (nnx.remat
+    would try to write the Params of an outer trace)."""
+    graphdef, params = nnx.split(layer)
+
+    @jax.checkpoint
+    def run(params, x, rope, mask, kv, cache_index):
+        return Block.__call__(nnx.merge(graphdef, params), x, rope, mask, kv, cache_index)
+
+    return run(params, x, rope, mask, kv, cache_index)
 
 
 class Transformer(nnx.Module):
