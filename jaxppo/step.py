@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx, struct
 
 from jaxppo import rewards as rw
@@ -149,7 +148,6 @@ class PPOPrograms:
         """Train and eval share this one program (eval passes its own fixed key)."""
         policy = nnx.merge(self.graphs[0], state.policy)
         out = sample(policy, prompt_ids, prompt_mask, key, self.s.sampling)
-        R = out.response.shape[1]
         attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
         forwards = self._score_forwards(state.policy, state.critic, frozen, out.tokens, attn, out.response)
         ref_logprobs, values, scores = _chunked(forwards, self.s.forward_batch_size,

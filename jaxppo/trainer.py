@@ -12,7 +12,6 @@ KL/non-finite bookkeeping, early stopping and checkpoints. Everything else is de
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -30,14 +29,14 @@ from flax import nnx
 from jaxppo import tasks
 from jaxppo.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxppo.config import PPOConfig, save_config
-from jaxppo.data import PPODataset, PromptIterator, load_prompts, split_prompts, tokenize_prompts
+from jaxppo.data import PPODataset, PromptIterator, split_prompts, tokenize_prompts
 from jaxppo.errors import ConfigError, JaxppoError
 from jaxppo.logger import TrainingLogger
 from jaxppo.models import hf
 from jaxppo.optim import make_optimizer
 from jaxppo.rollout import SamplingParams
 from jaxppo.sharding import make_mesh, shard_batch, shard_tree, tree_shardings
-from jaxppo.step import Frozen, PPOPrograms, StepSettings, TrainState, init_train_state
+from jaxppo.step import Frozen, PPOPrograms, StepSettings, init_train_state
 from jaxppo.update import UpdateSettings
 
 

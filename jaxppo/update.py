@@ -18,7 +18,6 @@ Metrics are token-weighted means over every minibatch of every epoch, not the la
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

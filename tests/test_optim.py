@@ -1,12 +1,8 @@
 """Schedules and the optimiser chain against hand-computed values."""
 
-import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import pytest
 
 from jaxppo.config import OptimConfig, PlateauConfig
 from jaxppo.optim import current_lr, make_optimizer, make_schedule, plateau_scale

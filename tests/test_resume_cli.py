@@ -3,7 +3,6 @@ SIGKILLed after a checkpoint and resumed with --resume, gives the metrics of a r
 never interrupted; the run directory is complete."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
