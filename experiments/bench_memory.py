@@ -27,7 +27,10 @@ One JSON line per variant, then a summary line. Per variant:
                          final (checkpoint + export); malloc_trim(0) at each phase start so memory
                          freed earlier (e.g. by the compiler) is handed back before the phase is measured
   steady_peak_rss_mb     max of rollout2/update2: the peak of an iteration that does not compile
-  live_buffers_mb        sum(x.nbytes for x in jax.live_arrays()) right after trainer.train()
+  live_buffers_mb        sum(x.nbytes for x in jax.live_arrays()) right after trainer.train(); this
+                         counts a buffer once per jax.Array that views it: after the final orbax save
+                         every TrainState buffer has a second view, so it reads state_mb too high
+  live_buffers_unique_mb the same over distinct device buffers (unsafe_buffer_pointer)
   state_mb / frozen_mb   bytes of the TrainState (params + Adam) and of the frozen reference
   sec_per_iter           trainer.history[1]["time/iteration"] (the 2nd iteration; the 1st compiles)
 and the analytic float32 numbers (params of policy + critic + ref, Adam moments, gradients), so
@@ -169,6 +172,24 @@ def _tree_count(tree) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(tree) if hasattr(x, "size"))
 
 
+def _unique_live_bytes(arrays) -> int | None:
+    """Bytes of the distinct device buffers behind `arrays`: several jax.Array objects can view one
+    buffer (e.g. a module's Params and the TrainState leaves made from them, or the per-shard
+    arrays orbax creates when it saves), and summing `nbytes` over live_arrays counts each view."""
+    seen = {}
+    try:
+        for a in arrays:
+            if len(a.sharding.device_set) == 1:   # no per-shard views made (they would stay cached)
+                seen[(str(next(iter(a.sharding.device_set))), a.unsafe_buffer_pointer())] = int(a.nbytes)
+                continue
+            for sh in a.addressable_shards:
+                d = sh.data
+                seen[(str(d.device), d.unsafe_buffer_pointer())] = int(d.nbytes)
+    except Exception:  # noqa: BLE001 - a backend without buffer pointers: no deduplicated number
+        return None
+    return sum(seen.values())
+
+
 def worker(spec: dict) -> dict:
     t_start = time.perf_counter()
     import jax
@@ -203,7 +224,10 @@ def worker(spec: dict) -> dict:
                                if getattr(x, "ndim", 0) > 0}),
         "ref_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(trainer.frozen.ref)}),
     }
-    live_init = sum(int(x.nbytes) for x in jax.live_arrays())
+    live0 = jax.live_arrays()
+    live_init = sum(int(x.nbytes) for x in live0)
+    live_init_unique = _unique_live_bytes(live0)
+    del live0
     del st
 
     # ru_maxrss when the loop is over: the first (forced, final) checkpoint save marks the end
@@ -243,6 +267,7 @@ def worker(spec: dict) -> dict:
     summary = trainer.train()
     live = jax.live_arrays()
     live_bytes = sum(int(x.nbytes) for x in live)
+    live_unique = _unique_live_bytes(live)
     state_bytes = _tree_bytes(trainer.state)
     frozen_bytes = _tree_bytes(trainer.frozen)
     h = trainer.history
@@ -257,9 +282,11 @@ def worker(spec: dict) -> dict:
         "rss_phase_peak_mb": phase_peaks,
         "steady_peak_rss_mb": max(steady) if steady else None,
         "live_buffers_mb": live_bytes / _MB,
+        "live_buffers_unique_mb": None if live_unique is None else live_unique / _MB,
         "live_buffers_n": len(live),
         "live_buffers_not_state_or_frozen_mb": (live_bytes - state_bytes - frozen_bytes) / _MB,
         "live_buffers_init_mb": live_init / _MB,
+        "live_buffers_init_unique_mb": None if live_init_unique is None else live_init_unique / _MB,
         "state_mb": state_bytes / _MB,
         "frozen_mb": frozen_bytes / _MB,
         "sec_per_iter": it[1] if len(it) > 1 else None,
@@ -372,7 +399,7 @@ def main(argv=None) -> int:
         else:
             t.update({k: (round(r[k], 2) if isinstance(r[k], float) else r[k])
                       for k in ("peak_rss_mb", "peak_rss_loop_mb", "steady_peak_rss_mb", "live_buffers_mb",
-                                "sec_per_iter",
+                                "live_buffers_unique_mb", "sec_per_iter",
                                 "measured_params_mb", "measured_adam_mb")})
             if base is not None:
                 t["peak_rss_vs_a"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
