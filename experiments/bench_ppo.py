@@ -48,6 +48,45 @@ def matmul_peak_flops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
+def top_ops(trace_dir: str, n: int = 25) -> list[tuple[str, float, int]]:
+    """(name, total ms, count) of the longest XLA ops in the newest perfetto trace under trace_dir."""
+    import glob
+    import gzip
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    with gzip.open(paths[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    total: dict[str, list] = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("$", "end:")) or "::" in name or "(" in name:
+            continue
+        t = total.setdefault(name, [0.0, 0])
+        t[0] += e.get("dur", 0) / 1e3
+        t[1] += 1
+    return sorted(((k, round(v[0], 2), v[1]) for k, v in total.items()), key=lambda x: -x[1])[:n]
+
+
+def profile_iterations(trace_dir, programs, trainer, frozen, ids, mask, zeros, iters: int = 2):
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(iters):
+            exp = programs.rollout(trainer.state, frozen, ids, mask, programs.sample_key(trainer.state))
+            trainer.state, metrics = programs.update(trainer.state, exp, zeros)
+            jax.device_get(metrics)
+    with open(os.path.join(trace_dir, "update.hlo.txt"), "w") as f:
+        f.write(programs.update.lower(trainer.state, exp, zeros).compile().as_text())
+    with open(os.path.join(trace_dir, "rollout.hlo.txt"), "w") as f:
+        f.write(programs.rollout.lower(trainer.state, frozen, ids, mask,
+                                       programs.sample_key(trainer.state)).compile().as_text())
+    print(f"top ops over {iters} iterations (name, ms, count); optimized HLO in {trace_dir}:", file=sys.stderr)
+    for row in top_ops(trace_dir):
+        print(f"  {row[0]:60s} {row[1]:9.2f} {row[2]:6d}", file=sys.stderr)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True)
@@ -64,6 +103,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="trace two iterations after the timed ones with jax.profiler into DIR and print "
+                         "the ops that take the most time to stderr")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -117,6 +159,9 @@ def main(argv=None):
             times.append(t2 - t0)
             t_roll.append(t1 - t0)
             t_upd.append(t2 - t1)
+
+    if args.profile:
+        profile_iterations(args.profile, programs, trainer, frozen, ids_all[:args.batch], mask_all[:args.batch], zeros)
 
     # generation alone, with the same sampler settings and the trained policy
     policy = trainer._template_policy

@@ -227,7 +227,8 @@ def test_jit_call_does_not_retrace():
     a = forward(state, ids, mask)
     b = forward(state, ids[::-1], mask[::-1])
     assert len(traces) == 1 and forward._cache_size() == 1
-    np.testing.assert_allclose(b[::-1], a, atol=1e-6)
+    # float32 matmul blocking depends on a row's place in the batch: equal to rounding (~1e-6)
+    np.testing.assert_allclose(b[::-1], a, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- dtypes, remat

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxppo.models.layers import Dense, Norm
+
 ARCHS = ("gpt2", "llama")
 MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 ACTIVATIONS = {
@@ -217,31 +219,6 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- modules
 
 
-class Norm(nnx.Module):
-    """LayerNorm (with bias) or RMSNorm, computed in float32, returning `dtype`."""
-
-    def __init__(self, size: int, *, rms: bool, eps: float, dtype: Any, param_dtype: Any):
-        self.rms = rms
-        self.eps = eps
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((size,), param_dtype))
-        self.bias = None if rms else nnx.Param(jnp.zeros((size,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        if self.rms:
-            y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        else:
-            mean = jnp.mean(x, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        lead = (1,) * (x.ndim - 1)
-        y = y * self.scale[...].astype(jnp.float32).reshape(lead + (-1,))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32).reshape(lead + (-1,))
-        return y.astype(self.dtype)
-
-
 class Attention(nnx.Module):
     """Causal multi-head attention with grouped K/V heads; K/V are never repeated per query head."""
 
@@ -250,8 +227,8 @@ class Attention(nnx.Module):
         self.config = c
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
-        self.qkv = nnx.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, use_bias=c.qkv_bias, **kw)
-        self.out = nnx.Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
+        self.qkv = Dense(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, use_bias=c.qkv_bias, **kw)
+        self.out = Dense(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
 
     def __call__(self, x, rope, mask, kv=None, cache_index=None):
         """x `[B, S, H]`; rope (cos, sin) `[B, S, D]` or None; mask `[B, S, T]` bool (True = attend);
@@ -293,8 +270,8 @@ class MLP(nnx.Module):
         self.act = ACTIVATIONS[c.activation]
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, use_bias=c.mlp_bias, rngs=rngs)
         width = (2 if self.gated else 1) * c.intermediate_size
-        self.fc_in = nnx.Linear(c.hidden_size, width, **kw)
-        self.fc_out = nnx.Linear(c.intermediate_size, c.hidden_size, **kw)
+        self.fc_in = Dense(c.hidden_size, width, **kw)
+        self.fc_out = Dense(c.intermediate_size, c.hidden_size, **kw)
 
     def __call__(self, x):
         h = self.fc_in(x)  # [B, S, I] or [B, S, 2I]
@@ -339,7 +316,7 @@ def _remat_block(layer: Block, x, rope, mask, kv=None, cache_index=None):
 class Transformer(nnx.Module):
     """Decoder-only LM with an `lm` head (logits) or a `scalar` head (per-token value / reward).
 
-    `head="scalar"` adds `score = nnx.Linear(H, 1, use_bias=False)` (HF *ForSequenceClassification)
+    `head="scalar"` adds `score = Dense(H, 1, use_bias=False)` (HF *ForSequenceClassification)
     and no LM head; it can sit on any backbone, e.g. a critic initialised from the policy.
     """
 
@@ -373,8 +350,8 @@ class Transformer(nnx.Module):
         )
         lin = dict(use_bias=False, kernel_init=_INIT, **kw)
         untied = head == "lm" and not c.tie_word_embeddings
-        self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, **lin) if untied else None  # tied: embed^T
-        self.score = nnx.Linear(c.hidden_size, 1, **lin) if head == "scalar" else None
+        self.lm_head = Dense(c.hidden_size, c.vocab_size, **lin) if untied else None  # tied: embed^T
+        self.score = Dense(c.hidden_size, 1, **lin) if head == "scalar" else None
 
     # -- trunk --------------------------------------------------------------------------
 
