@@ -35,7 +35,7 @@ from jaxppo.logger import TrainingLogger
 from jaxppo.models import hf
 from jaxppo.optim import make_optimizer
 from jaxppo.rollout import SamplingParams
-from jaxppo.sharding import make_mesh, shard_batch, shard_tree, tree_shardings
+from jaxppo.sharding import make_mesh, replicated, shard_batch, shard_tree, tree_shardings
 from jaxppo.step import Frozen, PPOPrograms, StepSettings, init_train_state
 from jaxppo.update import UpdateSettings
 
@@ -335,19 +335,26 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset, step: int | None = None, *, log: bool = True) -> dict:
-        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate."""
+        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate.
+
+        Evaluation runs the training rollout program (no second compile). Every batch is
+        dispatched before the first result is read, so host-side scoring overlaps the device."""
         prompts = list(eval_dataset)
         if not prompts:
             return {}
         ids, mask = self._eval_arrays(prompts)
         bs = self.config.train.eval_batch_size or self.config.train.batch_size
         base = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), EVAL_KEY_SALT)
-        scores, kls, lengths, eos, samples = [], [], [], [], []
+        pending = []
         for b, start in enumerate(range(0, len(prompts), bs)):
             idx = np.arange(start, start + bs) % len(prompts)     # wrap the last batch: one shape, one compile
-            n_real = min(bs, len(prompts) - start)
+            # the key placed like the training one (replicated over the mesh): the same compiled program
+            key = jax.device_put(jax.random.fold_in(base, b), replicated(self.mesh))
             exp = self.programs.rollout(self.state, self.frozen, shard_batch(ids[idx], self.mesh),
-                                        shard_batch(mask[idx], self.mesh), jax.random.fold_in(base, b))
+                                        shard_batch(mask[idx], self.mesh), key)
+            pending.append((idx, min(bs, len(prompts) - start), exp))
+        scores, kls, lengths, eos, samples = [], [], [], [], []
+        for idx, n_real, exp in pending:
             batch_prompts = [prompts[i] for i in idx]
             s = self._function_scores(batch_prompts, exp) + np.asarray(exp.rm_scores)
             m = np.asarray(exp.mask)

@@ -38,7 +38,10 @@ def constant_reward(prompts, responses):
 def test_run_writes_the_run_directory(tmp_path):
     cfg = make(tmp_path, "train.total_steps=4", "train.eval_every=2", "train.save_every=2",
                "logging.tensorboard=true")
-    summary = PPOTrainer(cfg).train()
+    trainer = PPOTrainer(cfg)
+    summary = trainer.train()
+    # training and the two evaluations ran one rollout program and one update program
+    assert trainer.programs.rollout._cache_size() == 1 and trainer.programs.update._cache_size() == 1
     run = tmp_path / "run"
     for name in ("config.yaml", "train.log", "metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints",
                  "plots/overview.png", "final_model/config.json", "final_model/model.safetensors"):

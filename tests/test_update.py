@@ -136,3 +136,11 @@ def test_remat_under_jit_grad_of_merged_params():
     np.testing.assert_allclose(float(out[0][0]), float(out[1][0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_global_norm_equals_optax_tree_norm():
+    from jaxppo.update import global_norm
+
+    tree = {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5)), "b": jnp.arange(4.0),
+            "s": jnp.float32(2.0), "h": jax.random.normal(jax.random.PRNGKey(1), (6, 1))}
+    np.testing.assert_allclose(global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
