@@ -19,6 +19,11 @@ Prints one JSON line: `sec_per_iter_median`, the phase split (`rollout` = genera
 forwards; `generate` timed separately with the same sampler; `scoring_forwards` = their
 difference; `update`), generated tokens/s, an MFU estimate against a measured f32 matmul peak of
 this machine, and the peak RSS.
+
+`--profile DIR` then traces two more iterations with `jax.profiler` (a Perfetto trace under DIR),
+writes the optimized HLO of both programs there (`update.hlo.txt`, `rollout.hlo.txt`) and prints
+the ops that took the most time to stderr: how the matmul-only backward of `models/layers.py` was
+found (copies of transposed cotangents and `reduce-window` ops used to lead that list).
 """
 
 from __future__ import annotations
