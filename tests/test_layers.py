@@ -44,6 +44,8 @@ def test_dense_module_has_linear_params_and_init():
     assert paths(ours) == paths(theirs) == {("kernel",), ("bias",)}
     x = _rand(4, (2, 8))
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="out_sharding"):
+        ours(x, out_sharding=object())
 
 
 def test_dense_bfloat16_keeps_dtypes():

@@ -80,6 +80,8 @@ class Dense(nnx.Linear):
     """`nnx.Linear` (same Params, same init) whose call goes through `dense`."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if out_sharding is not None:    # nnx.Linear's argument; refused rather than silently dropped
+            raise NotImplementedError("Dense does not take out_sharding; shard its inputs instead")
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
