@@ -131,7 +131,8 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)       # [B, P]
 
     cache = model.init_cache(B, P + R)
-    logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0))
+    # prefill: every prompt token's K/V, but the head only where the first token is predicted
+    logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P))
     key, sub = jax.random.split(key)
     token, logprob = _choose(logits[:, -1], sub, params)                   # [B], [B]
 

@@ -134,9 +134,8 @@ class PPOPrograms:
             else:
                 # score at the last valid token: the EOS if any, else the last sampled token
                 full_mask = jnp.concatenate([attn[:, :-R], resp_mask.astype(attn.dtype)], axis=1)
-                per_token = rm(tokens, full_mask).astype(jnp.float32)          # [b, P+R]
                 last = full_mask.shape[1] - 1 - jnp.argmax(full_mask[:, ::-1], axis=1)
-                scores = jnp.take_along_axis(per_token, last[:, None], axis=1)[:, 0]
+                scores = rm(tokens, full_mask, outputs_at=last[:, None])[:, 0].astype(jnp.float32)
             return ref_logprobs, values, scores
 
         return forwards

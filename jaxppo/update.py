@@ -55,19 +55,21 @@ class UpdateSettings:
     temperature: float = 0.7   # the training forward scores logits / T, as the sampler did
 
 
-def response_logits(model, tokens, attention_mask, response_len: int):
-    """Logits predicting each response token: positions P-1 .. P+R-2 of the full sequence.
+def _response_positions(tokens, response_len: int) -> tuple[int, int]:
+    """Positions P-1 .. P+R-2 of a `[B, P+R]` sequence: those whose output predicts a response token."""
+    S = tokens.shape[1]
+    return (S - response_len - 1, S - 1)
 
-    tokens [B, P+R] -> [B, R, V]
-    """
-    logits = model(tokens, attention_mask)               # [B, P+R, V]
-    return logits[:, -response_len - 1:-1]
+
+def response_logits(model, tokens, attention_mask, response_len: int):
+    """Logits predicting each response token: positions P-1 .. P+R-2 of the full sequence, the
+    only ones computed by the head and the last block. tokens [B, P+R] -> [B, R, V]"""
+    return model(tokens, attention_mask, outputs_at=_response_positions(tokens, response_len))
 
 
 def response_values(model, tokens, attention_mask, response_len: int):
     """Critic values for the state before each response token -> [B, R]."""
-    values = model(tokens, attention_mask)               # [B, P+R]
-    return values[:, -response_len - 1:-1]
+    return model(tokens, attention_mask, outputs_at=_response_positions(tokens, response_len))
 
 
 def _micro_loss(params, graphdefs, mb: PPOBatch, n_tokens, s: UpdateSettings):

@@ -267,3 +267,57 @@ def test_remat_same_values_and_grads():
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- outputs_at
+
+
+@pytest.mark.parametrize("name, head", [("gpt2", "lm"), ("llama", "lm"), ("llama_reward", "scalar")])
+@pytest.mark.parametrize("remat", [False, True])
+def test_outputs_at_equals_the_full_call_sliced(name, head, remat):
+    model = load_model(os.path.join(GOLDEN, name), head=head, remat=remat)
+    ids, mask = batch(vocab=model.config.vocab_size, s=11, pads=(0, 2, 5))
+    full = np.asarray(model(ids, mask))
+    np.testing.assert_allclose(model(ids, mask, outputs_at=(4, 10)), full[:, 4:10], rtol=1e-5, atol=1e-5)
+    last = last_token_index(mask)[:, None]                                # [B, 1], per row
+    at = np.asarray(jnp.concatenate([last - 3, last], axis=1))            # [B, 2]
+    want = np.take_along_axis(full, at.reshape(at.shape + (1,) * (full.ndim - 2)), axis=1)
+    np.testing.assert_allclose(model(ids, mask, outputs_at=jnp.asarray(at)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_at_gradients_equal_the_full_call_sliced():
+    model = load_model(os.path.join(GOLDEN, "gpt2"))
+    ids, mask = batch(vocab=model.config.vocab_size, s=11, pads=(0, 2, 5))
+
+    def loss(model, outputs_at):
+        if outputs_at is None:
+            logits = model(ids, mask)[:, 5:10]
+        else:
+            logits = model(ids, mask, outputs_at=outputs_at)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 3])
+
+    g_full = nnx.grad(loss)(model, None)
+    g_rows = nnx.grad(loss)(model, (5, 10))
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_rows)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_outputs_at_prefill_fills_the_whole_cache():
+    model = load_model(os.path.join(GOLDEN, "llama"))
+    ids, mask = batch(vocab=model.config.vocab_size, s=9)
+    pos = positions_from_mask(mask)
+    full, cache_full = model.decode(ids, mask, pos, model.init_cache(3, 12), 0)
+    last, cache_last = model.decode(ids, mask, pos, model.init_cache(3, 12), 0, outputs_at=(8, 9))
+    assert last.shape == (3, 1, model.config.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache_full), jax.tree.leaves(cache_last)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [((5, 5), "start < stop"), ((0, 12), "<= 11"),
+                                        (np.zeros((3,), np.int32), r"\[B, Q\]")])
+def test_outputs_at_rejects_bad_values(bad, match):
+    model = Transformer(small_config(), rngs=nnx.Rngs(0))
+    ids, mask = batch(s=11, pads=(0, 2, 5))
+    with pytest.raises(ValueError, match=match):
+        model(ids, mask, outputs_at=bad)

@@ -181,6 +181,28 @@ def sequence_scores(values: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, last_token_index(attention_mask)[:, None], axis=1)[:, 0]
 
 
+def select_rows(x: jax.Array, rows) -> jax.Array:
+    """Rows of `x [B, S, ...]` along axis 1: `rows` is a static `(start, stop)` slice, or an int
+    array `[B, Q]` of per-row indices -> `[B, stop - start or Q, ...]`."""
+    if isinstance(rows, tuple):
+        start, stop = rows
+        return x[:, start:stop]
+    index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def _rows(outputs_at, length: int):
+    """Validate `outputs_at` (None | (start, stop) | int array [B, Q]) against a length-`length` sequence."""
+    if outputs_at is None or not isinstance(outputs_at, (tuple, list)):
+        if outputs_at is not None and jnp.ndim(outputs_at) != 2:
+            raise ValueError(f"outputs_at: an index array must be [B, Q], got shape {jnp.shape(outputs_at)}")
+        return outputs_at
+    start, stop = (int(v) for v in outputs_at)
+    if not 0 <= start < stop <= length:
+        raise ValueError(f"outputs_at: need 0 <= start < stop <= {length}, got ({start}, {stop})")
+    return (start, stop)
+
+
 def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
     """RoPE inverse frequencies `[D/2]` float32, with Llama-3 frequency scaling when configured."""
     dim = config.head_dim
@@ -230,10 +252,11 @@ class Attention(nnx.Module):
         self.qkv = Dense(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, use_bias=c.qkv_bias, **kw)
         self.out = Dense(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
 
-    def __call__(self, x, rope, mask, kv=None, cache_index=None):
+    def __call__(self, x, rope, mask, kv=None, cache_index=None, rows=None):
         """x `[B, S, H]`; rope (cos, sin) `[B, S, D]` or None; mask `[B, S, T]` bool (True = attend);
         kv: None, or this layer's cache buffers `([B, Hkv, T, D], [B, Hkv, T, D])` into which the new
-        K/V are written at `cache_index`. Returns (`[B, S, H]`, kv)."""
+        K/V are written at `cache_index`; rows: None, or the query rows to compute (`select_rows`):
+        every row still contributes its key and value. Returns (`[B, S or Q, H]`, kv)."""
         c = self.config
         b, s, _ = x.shape
         hkv, g, d = c.num_kv_heads, c.num_groups, c.head_dim
@@ -253,6 +276,9 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)  # [B, Hkv, T, D]
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
+        if rows is not None:
+            q, mask = select_rows(q, rows), select_rows(mask, rows)
+            s = q.shape[1]
         q = q * jnp.asarray(d**-0.5, q.dtype)
         scores = jnp.einsum("bshgd,bhtd->bhgst", q, k, preferred_element_type=jnp.float32)  # [B, Hkv, G, S, T]
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -293,24 +319,28 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, rope, mask, kv=None, cache_index=None):
-        h, kv = self.attn(self.attn_norm(x), rope, mask, kv, cache_index)
-        x = x + h
+    def __call__(self, x, rope, mask, kv=None, cache_index=None, rows=None):
+        """rows: None, or the rows (`select_rows`) whose outputs are wanted: attention still reads
+        every row's key and value, the rest of the block runs for these rows only."""
+        h, kv = self.attn(self.attn_norm(x), rope, mask, kv, cache_index, rows)
+        x = (x if rows is None else select_rows(x, rows)) + h
         return x + self.mlp(self.mlp_norm(x)), kv
 
 
-def _remat_block(layer: Block, x, rope, mask, kv=None, cache_index=None):
+def _remat_block(layer: Block, x, rope, mask, kv=None, cache_index=None, rows=None):
     """Block.__call__ under `jax.checkpoint`: activations inside the block are recomputed in the
     backward pass. The block is split into (graph, params) and merged inside the checkpointed pure
     function, so it composes with an outer `jax.grad` / `jax.jit` over merged params (nnx.remat
-    would try to write the Params of an outer trace)."""
+    would try to write the Params of an outer trace). A static `rows` slice stays a Python value."""
     graphdef, params = nnx.split(layer)
+    static_rows = rows if isinstance(rows, tuple) else None
 
     @jax.checkpoint
-    def run(params, x, rope, mask, kv, cache_index):
-        return Block.__call__(nnx.merge(graphdef, params), x, rope, mask, kv, cache_index)
+    def run(params, x, rope, mask, kv, cache_index, row_index):
+        rows = static_rows if row_index is None else row_index
+        return Block.__call__(nnx.merge(graphdef, params), x, rope, mask, kv, cache_index, rows)
 
-    return run(params, x, rope, mask, kv, cache_index)
+    return run(params, x, rope, mask, kv, cache_index, None if static_rows is not None else rows)
 
 
 class Transformer(nnx.Module):
@@ -355,8 +385,10 @@ class Transformer(nnx.Module):
 
     # -- trunk --------------------------------------------------------------------------
 
-    def _trunk(self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=None):
-        """Final-norm hidden states `[B, S, H]` (+ updated per-layer K/V when decoding)."""
+    def _trunk(self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=None, rows=None):
+        """Final-norm hidden states `[B, S, H]`, or `[B, Q, H]` at `rows` (+ updated per-layer K/V
+        when decoding). With `rows` the last block runs its queries, output projection and MLP for
+        those rows only; every earlier block, and every key/value, is computed for all of them."""
         c = self.config
         x = jnp.take(self.embed.embedding[...], input_ids, axis=0, mode="clip").astype(self.dtype)
         rope = None
@@ -368,7 +400,7 @@ class Transformer(nnx.Module):
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = block(layer, x, rope, mask, kv, cache_index)
+            x, kv = block(layer, x, rope, mask, kv, cache_index, rows if i == c.num_layers - 1 else None)
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
@@ -394,21 +426,30 @@ class Transformer(nnx.Module):
                 f"Transformer.{name}: attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
             )
 
-    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states `[B, S, H]` (compute dtype) for a whole (left-padded) sequence."""
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                      outputs_at=None) -> jax.Array:
+        """Final-norm hidden states `[B, S, H]` (compute dtype) for a whole (left-padded) sequence;
+        `[B, Q, H]` with `outputs_at` (see `__call__`)."""
         self._check(input_ids, attention_mask, "hidden_states")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         s = input_ids.shape[1]
         causal = jnp.tril(jnp.ones((s, s), jnp.bool_))  # [S, S]
         mask = causal[None, :, :] & (attention_mask > 0)[:, None, :]  # [B, S, S]
-        h, _ = self._trunk(input_ids, positions_from_mask(attention_mask), mask)
+        h, _ = self._trunk(input_ids, positions_from_mask(attention_mask), mask, rows=_rows(outputs_at, s))
         return h
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 outputs_at=None) -> jax.Array:
         """`input_ids [B, S]`, `attention_mask [B, S]` (1 = token, 0 = padding) -> logits `[B, S, V]`
-        (lm head) or values `[B, S]` (scalar head), float32."""
-        return self._head(self.hidden_states(input_ids, attention_mask))
+        (lm head) or values `[B, S]` (scalar head), float32.
+
+        `outputs_at` computes the outputs at some positions only, equal to the full call sliced there:
+        a static `(start, stop)` (e.g. the positions that predict a response) -> `[B, stop - start, ...]`,
+        or an int array `[B, Q]` of per-row positions (e.g. each row's last token) -> `[B, Q, ...]`.
+        The head and the last block's queries, output projection and MLP then run for those positions
+        only: the LM head over the prompt is the bulk of a large-vocabulary forward."""
+        return self._head(self.hidden_states(input_ids, attention_mask, outputs_at=outputs_at))
 
     # -- incremental decoding -----------------------------------------------------------
 
@@ -420,13 +461,15 @@ class Transformer(nnx.Module):
         return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
                        mask=jnp.zeros((batch_size, max_length), jnp.int32))
 
-    def decode(self, input_ids, attention_mask, positions, cache: KVCache, cache_index):
+    def decode(self, input_ids, attention_mask, positions, cache: KVCache, cache_index, *, outputs_at=None):
         """Run `S_new` new tokens against the cache.
 
         input_ids, attention_mask, positions: `[B, S_new]`; cache_index: int32 scalar (may be traced),
         the slot of the first new token. Writes K/V and the mask at slots
         `[cache_index, cache_index + S_new)`; each new query attends to real slots up to its own.
-        Returns (logits `[B, S_new, V]` or values `[B, S_new]`, updated cache).
+        Returns (logits `[B, S_new, V]` or values `[B, S_new]`, updated cache); with `outputs_at`
+        (as in `__call__`, over the new tokens; a prefill wants only `(S_new - 1, S_new)`) the
+        outputs at those tokens only, while every new token's K/V still enter the cache.
         """
         self._check(input_ids, attention_mask, "decode")
         if positions.shape != input_ids.shape:
@@ -439,5 +482,5 @@ class Transformer(nnx.Module):
         q_slot = cache_index + jnp.arange(s_new, dtype=jnp.int32)  # [S_new]
         k_slot = jnp.arange(s_max, dtype=jnp.int32)  # [S_max]
         mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & (slot_mask > 0)[:, None, :]  # [B, S_new, S_max]
-        h, (keys, values) = self._trunk(input_ids, positions, mask, cache, cache_index)
+        h, (keys, values) = self._trunk(input_ids, positions, mask, cache, cache_index, _rows(outputs_at, s_new))
         return self._head(h), KVCache(keys=keys, values=values, mask=slot_mask)
