@@ -17,7 +17,8 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA:CPU's experimental YNNPACK fusions make this workload 1.5-2x slower on the CPUs measured here
 # (experiments/README.md); keep XLA's own emitters unless the user chose otherwise. Must be set
 # before JAX creates its CPU backend, i.e. before the first computation.
-if "xla_cpu_experimental_ynn_fusion_type" not in _os.environ.get("XLA_FLAGS", ""):
+USER_SET_YNN = "xla_cpu_experimental_ynn_fusion_type" in _os.environ.get("XLA_FLAGS", "")
+if not USER_SET_YNN:
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
 __version__ = "0.1.0"
