@@ -131,6 +131,7 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)       # [B, P]
 
     cache = model.init_cache(B, P + R)
+    head = model.head_kernel()         # once, not per step (a tied head's E^T is a transposed copy)
     # prefill: every prompt token's K/V, but the head only where the first token is predicted
     logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P))
     key, sub = jax.random.split(key)
@@ -169,7 +170,7 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
         # feed the token produced at `step`, sitting in cache slot P + step
         pos = (prompt_lens + s.step)[:, None]                              # [B, 1]
         logits, cache = model.decode(s.token[:, None], jnp.ones((B, 1), jnp.int32), pos,
-                                     s.cache, P + s.step)
+                                     s.cache, P + s.step, head_kernel=head)
         key, sub = jax.random.split(s.key)
         token, logprob = _choose(logits[:, -1], sub, params)
         s = s.replace(step=s.step + 1, cache=cache, key=key)

@@ -321,3 +321,16 @@ def test_outputs_at_rejects_bad_values(bad, match):
     ids, mask = batch(s=11, pads=(0, 2, 5))
     with pytest.raises(ValueError, match=match):
         model(ids, mask, outputs_at=bad)
+
+
+@pytest.mark.parametrize("name, head", [("gpt2", "lm"), ("llama", "lm"), ("llama_reward", "scalar")])
+def test_decode_with_a_precomputed_head_kernel(name, head):
+    model = load_model(os.path.join(GOLDEN, name), head=head)
+    c = model.config
+    kernel = model.head_kernel()
+    assert kernel.shape == (c.hidden_size, c.vocab_size if head == "lm" else 1)
+    ids, mask = batch(vocab=c.vocab_size, s=9)
+    pos = positions_from_mask(mask)
+    plain, _ = model.decode(ids, mask, pos, model.init_cache(3, 12), 0)
+    hoisted, _ = model.decode(ids, mask, pos, model.init_cache(3, 12), 0, head_kernel=kernel)
+    np.testing.assert_allclose(hoisted, plain, rtol=1e-5, atol=1e-5)
