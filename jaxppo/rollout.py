@@ -133,7 +133,8 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     cache = model.init_cache(B, P + R)
     head = model.head_kernel()         # once, not per step (a tied head's E^T is a transposed copy)
     # prefill: every prompt token's K/V, but the head only where the first token is predicted
-    logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P))
+    logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P),
+                                 head_kernel=head)
     key, sub = jax.random.split(key)
     token, logprob = _choose(logits[:, -1], sub, params)                   # [B], [B]
 

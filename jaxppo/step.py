@@ -28,6 +28,7 @@ from jaxppo import rewards as rw
 from jaxppo.gae import gae
 from jaxppo.losses import logprobs_from_logits
 from jaxppo.masked import masked_mean, masked_whiten
+from jaxppo.models.transformer import last_token_index
 from jaxppo.optim import current_lr
 from jaxppo.rollout import SamplingParams, sample
 from jaxppo.update import PPOBatch, UpdateSettings, ppo_update, response_logits, response_values
@@ -135,7 +136,7 @@ class PPOPrograms:
             else:
                 # score at the last valid token: the EOS if any, else the last sampled token
                 full_mask = jnp.concatenate([attn[:, :-R], resp_mask.astype(attn.dtype)], axis=1)
-                last = full_mask.shape[1] - 1 - jnp.argmax(full_mask[:, ::-1], axis=1)
+                last = last_token_index(full_mask)
                 scores = rm(tokens, full_mask, outputs_at=last[:, None])[:, 0].astype(jnp.float32)
             return ref_logprobs, values, scores
 
