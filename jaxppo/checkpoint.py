@@ -5,10 +5,19 @@
     state, host_state = ckpt.restore(None, jax.eval_shape(lambda: state))  # newest readable step
     ckpt.close()
 
-One step folder holds two items (DESIGN §3, `checkpoints/<step>/`):
-  state/   the `TrainState` pytree (params, optimizer states, PRNG key, step, ...), orbax StandardSave
+One step folder holds (DESIGN §3, `checkpoints/<step>/`):
+  state/   the `TrainState` arrays, orbax StandardSave, *packed*: every small replicated leaf
+           (biases, norms, optimiser moments of small models, counters, keys) is concatenated into
+           one flat array per dtype; large or sharded leaves are stored one by one
+  layout/  JSON: each leaf's name ("policy.layers.0.attn.qkv.kernel.value"), shape, dtype and where
+           it lives (packed group + offset, or its own array); restore checks it against the model
   host/    a JSON dict of host-side state (data-iterator position, early stopping, config fingerprint)
   metrics/ written by orbax when `best_metric` is set, so the "best" checkpoint survives a restart
+
+Why packed: orbax's cost is per leaf (a PPO state has ~200 leaves: ~0.66 s of CPU per save for a
+tiny model, against ~0.07 s for the same bytes in three arrays), and a save every few steps on a
+small model would otherwise cost a large share of the training time. Leaves over
+`PACK_MAX_ELEMENTS` and sharded leaves are not packed: they are written as orbax writes any array.
 
 Crash safety (DESIGN §5) rests on orbax's protocol on a local disk: a step is written under
 `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only once every item is on disk, and old
@@ -30,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -37,7 +47,8 @@ from jaxppo.errors import JaxppoError
 
 __all__ = ["Checkpointer", "CheckpointError", "find_checkpoint_dir"]
 
-_STATE, _HOST = "state", "host"   # item names inside a step folder
+_STATE, _HOST, _LAYOUT = "state", "host", "layout"   # item names inside a step folder
+PACK_MAX_ELEMENTS = 1 << 20   # leaves up to this size (and fully replicated) are packed
 
 
 class CheckpointError(JaxppoError, ValueError):
@@ -100,7 +111,8 @@ class Checkpointer:
                 create=not read_only,
             )
             registry = ocp.handlers.create_default_handler_registry(
-                **{_STATE: ocp.StandardCheckpointHandler(), _HOST: ocp.JsonCheckpointHandler()})
+                **{_STATE: ocp.StandardCheckpointHandler(), _HOST: ocp.JsonCheckpointHandler(),
+                   _LAYOUT: ocp.JsonCheckpointHandler()})
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   handler_registry=registry)
         finally:
@@ -134,8 +146,10 @@ class Checkpointer:
                 self.wait()
                 if step in self._manager.all_steps():
                     return False
-            args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
-                                         _HOST: ocp.args.JsonSave(host_state)})
+            arrays, layout = _pack(state)
+            args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(arrays),
+                                         _HOST: ocp.args.JsonSave(host_state),
+                                         _LAYOUT: ocp.args.JsonSave(layout)})
             saved = self._manager.save(step, args=args, metrics=self._ranked_metrics(metrics),
                                        force=force)
             if saved:
@@ -222,23 +236,25 @@ class Checkpointer:
             if isinstance(early_host, dict):
                 check_host(early_host)
         try:
-            saved = self._manager.item_metadata(step)[_STATE]
-            saved_tree = None if saved is None else saved.tree
-        except Exception as e:  # noqa: BLE001 - any failure to read the metadata means unreadable
-            raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable ({_one_line(e)})") from e
-        if saved_tree is None:
-            raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable (no '{_STATE}' metadata)")
-        _check_compatible(saved_tree, target, where)
-        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target),
+            layout = json.loads((where / _LAYOUT / "metadata").read_text())
+            leaves = layout["leaves"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable (no readable '{_LAYOUT}': "
+                                        f"{_one_line(e)})") from e
+        paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+        wanted = [(_leaf_name(path), want) for path, want in paths]
+        _check_compatible(leaves, wanted, where)
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(_restore_target(layout, wanted)),
                                      _HOST: ocp.args.JsonRestore()})
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - tensorstore/json/io errors all mean unreadable
             raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable ({_one_line(e)})") from e
+        state = jax.tree.unflatten(treedef, _unpack(restored[_STATE], layout, wanted))
         host = restored[_HOST]
         if not isinstance(host, dict):
             raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable (no '{_HOST}' state)")
-        return restored[_STATE], host
+        return state, host
 
     # ------------------------------------------------------------------ lifetime
     def close(self):
@@ -304,32 +320,132 @@ def _abstract(tree):
     return jax.tree.map(leaf, tree)
 
 
-def _check_compatible(saved_tree, target, where: Path):
-    """Raises CheckpointError naming the first leaf whose path, shape or dtype differ."""
-    saved = ocp.tree.to_flat_dict(saved_tree)
-    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+def _leaf_name(path) -> str:
+    """'policy.layers.0.attn.qkv.kernel.value' for a pytree key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+_PLANS: dict = {}   # (treedef, leaf avals + shardings) -> packing plan; a run's state keeps one
+
+
+def _plan(leaves, treedef, state):
+    """The layout and grouping of a state, computed once per structure (the per-leaf Python work
+    of a save is otherwise a noticeable share of its cost)."""
+    key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    layout, groups, singles, keys, sizes = [], {}, [], [], {}
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    for i, (path, x) in enumerate(zip(paths, leaves)):
+        entry = {"name": _leaf_name(path), "shape": list(x.shape), "dtype": str(x.dtype)}
+        size = x.size
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            entry["key_impl"] = str(jax.random.key_impl(x))   # stored as its raw key data
+            keys.append(i)
+            size *= int(np.prod(_key_tail(entry)))
+        if size <= PACK_MAX_ELEMENTS and x.sharding.is_fully_replicated:
+            g = str(jax.random.key_data(x).dtype if i in keys else x.dtype)
+            entry.update(group=g, offset=sizes.get(g, 0))
+            sizes[g] = entry["offset"] + size
+            groups.setdefault(g, []).append(i)
+        else:
+            entry["index"] = len(singles)
+            singles.append(i)
+        layout.append(entry)
+    if len(_PLANS) > 8:
+        _PLANS.clear()
+    plan = _PLANS[key] = ({"format": 1, "leaves": layout}, groups, singles, keys)
+    return plan
+
+
+def _pack(state) -> tuple[dict, dict]:
+    """(arrays to save, JSON layout). Small fully replicated leaves are copied to the host in one
+    transfer and concatenated per dtype there (what orbax would copy anyway); big or sharded ones
+    stay device arrays that orbax writes shard by shard."""
+    leaves, treedef = jax.tree.flatten(state)
+    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
+    layout, groups, singles, keys = _plan(leaves, treedef, state)
+    for i in keys:
+        leaves[i] = jax.random.key_data(leaves[i])
+    order = [i for idx in groups.values() for i in idx]
+    host = dict(zip(order, jax.device_get([leaves[i] for i in order])))
+    packed = {g: np.concatenate([np.ravel(host[i]) for i in idx]) for g, idx in groups.items()}
+    return {"packed": packed, "leaves": [leaves[i] for i in singles]}, layout
+
+
+def _restore_target(layout, wanted):
+    """Abstract arrays for orbax: packed groups on one device of this process, single leaves with
+    the model's shardings."""
+    leaves = layout["leaves"]
+    by_name = dict(wanted)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sizes, singles = {}, {}
+    for e in leaves:
+        if "group" in e:
+            sizes[e["group"]] = max(sizes.get(e["group"], 0), e["offset"] + int(np.prod(e["shape"] + _key_tail(e))))
+        else:
+            want = by_name[e["name"]]
+            dtype = jnp.uint32 if "key_impl" in e else want.dtype
+            singles[e["index"]] = jax.ShapeDtypeStruct(tuple(e["shape"]) + tuple(_key_tail(e)), dtype,
+                                                       sharding=want.sharding)
+    return {"packed": {g: jax.ShapeDtypeStruct((n,), jnp.dtype(g), sharding=device) for g, n in sizes.items()},
+            "leaves": [singles[i] for i in range(len(singles))]}
+
+
+def _key_tail(entry) -> list:
+    """The trailing dims of a typed key's raw data ([2] for threefry); [] for other leaves."""
+    if "key_impl" not in entry:
+        return []
+    return list(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=entry["key_impl"]))).shape)
+
+
+def _unpack(arrays, layout, wanted) -> list:
+    """The model's leaves, in `wanted` order, placed with their target shardings."""
+    packed = {g: np.asarray(a) for g, a in arrays["packed"].items()}   # small: one host copy, then slices
+    entries = {e["name"]: e for e in layout["leaves"]}
+    out = []
+    for name, want in wanted:
+        e = entries[name]
+        shape = tuple(e["shape"]) + tuple(_key_tail(e))
+        if "group" in e:
+            n = int(np.prod(shape))
+            x = jax.device_put(packed[e["group"]][e["offset"]:e["offset"] + n].reshape(shape), want.sharding)
+        else:
+            x = arrays["leaves"][e["index"]]
+        if "key_impl" in e:
+            x = jax.random.wrap_key_data(x, impl=e["key_impl"])
+        out.append(x)
+    return out
+
+
+def _check_compatible(saved: list, wanted: list, where: Path):
+    """Raises CheckpointError naming the first leaf whose name, shape or dtype differ."""
     head = f"checkpoint {where} does not fit this model"
-    for key, want in wanted.items():
-        name = ".".join(key)
-        if key not in saved:
+    entries = {e["name"]: e for e in saved}
+    for name, want in wanted:
+        got = entries.get(name)
+        if got is None:
             raise CheckpointError(f"{head}: {name} is in the model but not in the checkpoint")
-        got = saved[key]
-        if hasattr(want, "dtype") and jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
-            # typed PRNG keys are stored as their raw key data (e.g. uint32[..., 2])
-            want = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(want.shape, want.dtype))
-        want_shape, got_shape = tuple(getattr(want, "shape", ())), tuple(getattr(got, "shape", ()) or ())
+        want_shape, got_shape = tuple(want.shape), tuple(got["shape"])
         if want_shape != got_shape:
             raise CheckpointError(f"{head}: {name} has shape {got_shape} in the checkpoint "
                                   f"but {want_shape} in the model")
-        # Python scalars are saved as ScalarMetadata (float64/int64): only arrays must agree.
-        is_array = (isinstance(got, ocp.metadata.ArrayMetadata)
-                    and not isinstance(got, ocp.metadata.ScalarMetadata))
-        if is_array and hasattr(want, "dtype") and str(got.dtype) != str(want.dtype):
-            raise CheckpointError(f"{head}: {name} has dtype {got.dtype} in the checkpoint "
+        if str(want.dtype) != got["dtype"]:
+            raise CheckpointError(f"{head}: {name} has dtype {got['dtype']} in the checkpoint "
                                   f"but {want.dtype} in the model")
-    for key in saved:
-        if key not in wanted:
-            raise CheckpointError(f"{head}: {'.'.join(key)} is in the checkpoint but not in the model")
+    names = {name for name, _ in wanted}
+    for e in saved:
+        if e["name"] not in names:
+            raise CheckpointError(f"{head}: {e['name']} is in the checkpoint but not in the model")
 
 
 def _one_line(e: BaseException) -> str:

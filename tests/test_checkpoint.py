@@ -82,6 +82,31 @@ def state():
     return make_state()
 
 
+def test_small_leaves_packed_big_ones_alone(tmp_path, state, monkeypatch):
+    """A few arrays per checkpoint (orbax's cost is per array); big leaves are never copied to pack."""
+    import json
+
+    import jaxppo.checkpoint as C
+
+    monkeypatch.setattr(C, "PACK_MAX_ELEMENTS", 40)
+    with Checkpointer(tmp_path) as ck:
+        ck.save(2, state, HOST)
+        ck.wait()
+        layout = json.loads((tmp_path / "2" / "layout" / "metadata").read_text())["leaves"]
+        restored, _ = ck.restore(2, jax.eval_shape(lambda: state))
+    assert_same_tree(restored, state)
+    big = {e["name"] for e in layout if "group" not in e}
+    sizes = {e["name"]: int(np.prod(e["shape"])) for e in layout}
+    assert big == {n for n, size in sizes.items() if size > 40} and big
+    assert "policy.out.kernel.value" in big and "policy.hidden.kernel.value" not in big   # 7 x 11 vs 5 x 7
+    groups = {e["group"] for e in layout if "group" in e}
+    assert groups == {"bfloat16", "float32", "int32", "uint32"}
+    # one packed array per dtype, offsets back to back
+    for g in groups:
+        entries = [e for e in layout if e.get("group") == g]
+        assert [e["offset"] for e in entries] == list(np.cumsum([0] + [sizes[e["name"]] for e in entries[:-1]]))
+
+
 def test_round_trip_leaf_by_leaf(tmp_path, state):
     with Checkpointer(tmp_path / "checkpoints") as ck:
         assert ck.save(2, state, HOST, {"eval/score": 0.5})
@@ -236,7 +261,7 @@ def test_incompatible_model_names_the_leaf(tmp_path, state):
             ck.restore(None, wider)
         msg = str(err.value)
         assert "\n" not in msg and isinstance(err.value, JaxppoError)
-        assert "critic.hidden.bias.value" in msg and "(7,)" in msg and "(8,)" in msg, msg
+        assert "policy.hidden.bias.value" in msg and "(7,)" in msg and "(8,)" in msg, msg
 
         extra = jax.eval_shape(lambda: {"params": state, "extra": jnp.zeros(2)})
         with pytest.raises(CheckpointError, match="not in the checkpoint"):

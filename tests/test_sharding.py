@@ -30,7 +30,17 @@ SCRIPT = textwrap.dedent("""
     specs = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(t.state.policy)[0]:
         specs[_path_str(path)] = str(leaf.sharding.spec)
-    print("RESULT " + json.dumps({"devices": jax.device_count(), "history": t.history, "specs": specs}))
+    # the final checkpoint restores onto the same shardings, equal to the live state
+    from jaxppo.checkpoint import Checkpointer
+    with Checkpointer(f"{out_dir}/checkpoints", read_only=True) as ck:
+        restored, _ = ck.restore(None, t.state)
+        step = ck.latest_step()
+    same = all(bool((a == b).all()) and a.sharding == b.sharding
+               for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(t.state)))
+    layout = json.load(open(f"{out_dir}/checkpoints/{step}/layout/metadata"))["leaves"]
+    alone = sorted(e["name"] for e in layout if "group" not in e)
+    print("RESULT " + json.dumps({"devices": jax.device_count(), "history": t.history, "specs": specs,
+                                  "restored_same": same, "stored_alone": alone}))
 """)
 
 
@@ -72,6 +82,10 @@ def test_one_vs_eight_devices_same_metrics(tmp_path):
     assert "fsdp" in eight["specs"]["layers.0.attn.qkv.kernel.value"]
     assert "fsdp" in eight["specs"]["embed.embedding.value"]
     assert all("fsdp" not in s for s in one["specs"].values())
+    # checkpoints: sharded leaves are stored one by one, replicated small ones packed; both restore
+    assert one["restored_same"] and eight["restored_same"]
+    assert one["stored_alone"] == []
+    assert "policy.layers.0.attn.qkv.kernel.value" in eight["stored_alone"]
     keys = ["objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
             "policy/approxkl_avg", "val/ratio", "objective/rlhf_reward"]
     for a, b in zip(one["history"], eight["history"]):
