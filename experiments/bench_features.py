@@ -5,8 +5,9 @@ steps, against the same run with both off (interleaved, separate processes).
 
 Throughput is measured from the training rows of metrics.jsonl: (last step - first step) /
 (time of last row - time of first row), so start-up and the first compile are excluded while
-every save and evaluation in between is included. The eval shares the rollout's compiled program,
-and orbax writes asynchronously.
+every save and evaluation in between is included. The evaluation is its own program, compiled
+before the first step, and runs in a background thread while the next step trains; a save packs
+the small leaves of the state into one array per dtype and orbax writes it asynchronously.
 """
 
 from __future__ import annotations

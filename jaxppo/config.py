@@ -324,7 +324,11 @@ class TrainConfig(_Section):
     eval_every: int = _field(0, "evaluate every N iterations; 0 = only at the end", ge=0)
     save_every: int = _field(0, "checkpoint every N iterations; 0 = only at the end", ge=0)
     keep_checkpoints: int = _field(3, "most recent checkpoints kept", ge=1)
-    eval_batch_size: int | None = _field(None, "prompts per evaluation batch; null = batch_size", ge=1)
+    async_eval: bool = _field(True,
+        "evaluate in the background while the next step trains (holds a copy of the policy weights "
+        "meanwhile); early stopping on an eval/ metric always waits for it")
+    eval_batch_size: int | None = _field(None,
+        "prompts per evaluation batch; null = all eval prompts at once, up to 4 x batch_size", ge=1)
     max_nonfinite_steps: int = _field(3, "stop after this many consecutive skipped non-finite updates", ge=1)
     log_every: int = _field(1, "write metrics every N iterations", ge=1)
     num_samples_logged: int = _field(4, "generations written to samples.jsonl at each evaluation", ge=0)
@@ -395,6 +399,10 @@ class PPOConfig(_Section):
         if fb is not None and b % fb:
             raise ConfigError(f"train.batch_size={b} is not divisible by rollout.forward_batch_size={fb}",
                               keys=("rollout.forward_batch_size", "train.batch_size"))
+        eb = self.train.eval_batch_size
+        if fb is not None and eb is not None and eb % fb:
+            raise ConfigError(f"train.eval_batch_size={eb} is not divisible by rollout.forward_batch_size={fb}",
+                              keys=("rollout.forward_batch_size", "train.eval_batch_size"))
         if self.model.critic_init == "reward_model" and self.model.reward_model is None:
             raise ConfigError("model.critic_init=reward_model needs model.reward_model (got null)",
                               keys=("model.critic_init", "model.reward_model"))

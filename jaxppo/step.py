@@ -6,6 +6,8 @@
 
 `rollout`:  sample R tokens (KV cache) -> reference log-probs, critic values, reward-model
             scores (no grad, optionally in micro-batches).
+`evaluate`: the same sampling and reference / reward-model forwards for held-out prompts, without
+            the critic; one batch of any size (its own program, compiled once).
 `update`:   scores -> (missing-EOS penalty, clip, running normalisation) -> shape_rewards
             -> gae -> whiten -> ppo_update -> KL controller; an update whose loss, gradients or
             parameters are not finite is dropped inside the program (the state stays as it was).
@@ -67,6 +69,14 @@ class Experience:
     num_steps: jax.Array       # [] decode steps run
 
 
+@struct.dataclass
+class EvalOutput:
+    response: jax.Array        # [B, R]
+    mask: jax.Array            # [B, R]
+    kl: jax.Array              # [B] sum over the response of log pi - log pi_ref (k1)
+    rm_scores: jax.Array       # [B] reward-model score (0 without one)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     sampling: SamplingParams
@@ -107,6 +117,7 @@ class PPOPrograms:
         self.s = settings
         self.updates_per_iteration = updates_per_iteration
         self.rollout = jax.jit(self._rollout)
+        self.evaluate = jax.jit(self._evaluate)
         self.sample_key = jax.jit(self._sample_key)
         # pinning the state's output shardings to its input ones keeps one compiled program and
         # the FSDP layout from iteration to iteration (None: single device, nothing to pin)
@@ -120,17 +131,19 @@ class PPOPrograms:
         return jax.random.split(jax.random.fold_in(state.rng, state.step))
 
     # ------------------------------------------------------------------ rollout
-    def _score_forwards(self, policy_params, critic_params, frozen: Frozen, tokens, attn, response):
-        R = response.shape[1]
+    def _score_forwards(self, critic_params, frozen: Frozen, response_len: int):
+        """forwards(tokens, attn, response, resp_mask) -> (ref log-probs, values, RM scores);
+        values are None when `critic_params` is None (evaluation)."""
+        R = response_len
         ref = nnx.merge(self.ref_graph, frozen.ref)
-        critic = nnx.merge(self.graphs[1], critic_params)
+        critic = None if critic_params is None else nnx.merge(self.graphs[1], critic_params)
         rm = None if self.rm_graph is None else nnx.merge(self.rm_graph, frozen.reward_model)
         T = self.s.sampling.temperature or 1.0
 
         def forwards(tokens, attn, response, resp_mask):
             logits = response_logits(ref, tokens, attn, R).astype(jnp.float32) / T
             ref_logprobs = logprobs_from_logits(logits, response)
-            values = response_values(critic, tokens, attn, R).astype(jnp.float32)
+            values = None if critic is None else response_values(critic, tokens, attn, R).astype(jnp.float32)
             if rm is None:
                 scores = jnp.zeros(tokens.shape[:1], jnp.float32)
             else:
@@ -150,12 +163,23 @@ class PPOPrograms:
         policy = nnx.merge(self.graphs[0], state.policy)
         out = sample(policy, prompt_ids, prompt_mask, key, self.s.sampling)
         attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
-        forwards = self._score_forwards(state.policy, state.critic, frozen, out.tokens, attn, out.response)
+        forwards = self._score_forwards(state.critic, frozen, out.response.shape[1])
         ref_logprobs, values, scores = _chunked(forwards, self.s.forward_batch_size,
                                                 out.tokens, attn, out.response, out.mask)
         return Experience(tokens=out.tokens, attention_mask=attn, response=out.response, mask=out.mask,
                           logprobs=out.logprobs, ref_logprobs=ref_logprobs * out.mask,
                           values=values * out.mask, rm_scores=scores, num_steps=out.num_steps)
+
+    def _evaluate(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key) -> EvalOutput:
+        """Sample with `key` (fixed by the caller) and score: what `evaluate` reports, nothing more."""
+        policy = nnx.merge(self.graphs[0], policy_params)
+        out = sample(policy, prompt_ids, prompt_mask, key, self.s.sampling)
+        attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
+        forwards = self._score_forwards(None, frozen, out.response.shape[1])
+        ref_logprobs, _, scores = _chunked(forwards, self.s.forward_batch_size,
+                                           out.tokens, attn, out.response, out.mask)
+        kl = ((out.logprobs - ref_logprobs) * out.mask).sum(-1)
+        return EvalOutput(response=out.response, mask=out.mask, kl=kl, rm_scores=scores)
 
     # ------------------------------------------------------------------ update
     def _update(self, state: TrainState, exp: Experience, fn_scores):

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -337,39 +338,43 @@ class PPOTrainer:
     def evaluate(self, eval_dataset, step: int | None = None, *, log: bool = True) -> dict:
         """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate.
 
-        Evaluation runs the training rollout program (no second compile). Every batch is
-        dispatched before the first result is read, so host-side scoring overlaps the device."""
+        Its own program (`programs.evaluate`: sampling + reference and reward-model forwards, no
+        critic), compiled once for one batch size: by default every eval prompt in one batch (up to
+        4 x train.batch_size), so an evaluation is a single dispatch. During `train` it runs in a
+        background thread while the next step trains (`train.async_eval`)."""
         prompts = list(eval_dataset)
         if not prompts:
             return {}
+        return self._eval_finish(prompts, self._eval_dispatch(prompts, self.state.policy), step, log)
+
+    def _eval_dispatch(self, prompts, policy) -> list:
+        """Dispatch every evaluation batch: [(prompt indices, real rows, EvalOutput)]."""
         ids, mask = self._eval_arrays(prompts)
-        bs = self.config.train.eval_batch_size or self.config.train.batch_size
+        bs = self._eval_batch_size(len(prompts))
         base = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), EVAL_KEY_SALT)
         pending = []
         for b, start in enumerate(range(0, len(prompts), bs)):
             idx = np.arange(start, start + bs) % len(prompts)     # wrap the last batch: one shape, one compile
-            # the key placed like the training one (replicated over the mesh): the same compiled program
             key = jax.device_put(jax.random.fold_in(base, b), replicated(self.mesh))
-            exp = self.programs.rollout(self.state, self.frozen, shard_batch(ids[idx], self.mesh),
-                                        shard_batch(mask[idx], self.mesh), key)
-            pending.append((idx, min(bs, len(prompts) - start), exp))
+            out = self.programs.evaluate(policy, self.frozen, shard_batch(ids[idx], self.mesh),
+                                         shard_batch(mask[idx], self.mesh), key)
+            pending.append((idx, min(bs, len(prompts) - start), out))
+        return pending
+
+    def _eval_finish(self, prompts, pending, step, log) -> dict:
+        """Host side of an evaluation: reward functions, means, samples, logging."""
         scores, kls, lengths, eos, samples = [], [], [], [], []
-        for idx, n_real, exp in pending:
+        for idx, n_real, out in pending:
             batch_prompts = [prompts[i] for i in idx]
-            s = self._function_scores(batch_prompts, exp) + np.asarray(exp.rm_scores)
-            m = np.asarray(exp.mask)
-            kl = ((np.asarray(exp.logprobs) - np.asarray(exp.ref_logprobs)) * m).sum(-1)
-            has_eos = (np.isin(np.asarray(exp.response), self.eos_ids) & (m > 0)).any(-1) if self.eos_ids else np.zeros(len(m), bool)
-            scores.append(s[:n_real]); kls.append(kl[:n_real]); lengths.append(m.sum(-1)[:n_real])
+            s = self._function_scores(batch_prompts, out) + np.asarray(out.rm_scores)
+            m, resp = np.asarray(out.mask), np.asarray(out.response)
+            has_eos = (np.isin(resp, self.eos_ids) & (m > 0)).any(-1) if self.eos_ids else np.zeros(len(m), bool)
+            scores.append(s[:n_real]); kls.append(np.asarray(out.kl)[:n_real]); lengths.append(m.sum(-1)[:n_real])
             eos.append(has_eos[:n_real])
-            if len(samples) < self.config.train.num_samples_logged:
-                resp = np.asarray(exp.response)
-                for i in range(n_real):
-                    if len(samples) >= self.config.train.num_samples_logged:
-                        break
-                    samples.append({"prompt": batch_prompts[i],
-                                    "response": self.tokenizer.decode(resp[i][m[i] > 0], skip_special_tokens=True),
-                                    "score": float(s[i])})
+            for i in range(min(n_real, self.config.train.num_samples_logged - len(samples))):
+                samples.append({"prompt": batch_prompts[i],
+                                "response": self.tokenizer.decode(resp[i][m[i] > 0], skip_special_tokens=True),
+                                "score": float(s[i])})
         metrics = {"objective/scores": float(np.concatenate(scores).mean()),
                    "objective/kl": float(np.concatenate(kls).mean()),
                    "response_length": float(np.concatenate(lengths).mean()),
@@ -380,6 +385,28 @@ class PPOTrainer:
             self.logger.log_metrics(metrics, step=step, split="eval")
             self.logger.log_samples(samples, step=step)
         return metrics
+
+    def _eval_start(self, prompts, step: int) -> "_EvalJob":
+        """Evaluate the current policy in a background thread: its device work overlaps the next
+        training step. The thread reads a copy of the policy (the next update donates the state);
+        reward functions and logging run later on this thread, in `_eval_join`."""
+        policy = _copy_tree(self.state.policy)
+        return _EvalJob(step, lambda: jax.device_get(self._eval_dispatch(prompts, policy)))
+
+    def _eval_join(self, job: "_EvalJob", prompts) -> dict:
+        metrics = self._eval_finish(prompts, job.result(), job.step, True)
+        self._log(_fmt("eval", job.step, metrics))
+        return metrics
+
+    def _eval_batch_size(self, n_prompts: int) -> int:
+        """train.eval_batch_size, or all `n_prompts` (at most 4 x train.batch_size) rounded up to a
+        multiple of the device count and of rollout.forward_batch_size."""
+        t = self.config.train
+        if t.eval_batch_size:
+            return t.eval_batch_size
+        unit = math.lcm(self.mesh.devices.size, self.config.rollout.forward_batch_size or 1)
+        bs = min(n_prompts, 4 * t.batch_size)
+        return -(-bs // unit) * unit
 
     def _eval_arrays(self, prompts):
         key = tuple(prompts)
@@ -539,6 +566,11 @@ class PPOTrainer:
         last_metrics: dict = {}
         eval_metrics: dict = {}
         stop_reason = None
+        if eval_prompts:   # compile the evaluation now, not in the middle of the run (not logged)
+            self.evaluate(eval_prompts, log=False)
+        # an evaluation overlaps the next step unless early stopping must see its result at once
+        async_eval = c.train.async_eval and not str(c.early_stopping.metric or "").startswith("eval/")
+        eval_job = None
         try:
             for step in range(start, c.train.total_steps):
                 t0 = time.perf_counter()
@@ -576,9 +608,14 @@ class PPOTrainer:
                     bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
 
                 es_value = None
+                if eval_job is not None:          # the evaluation started one step ago
+                    eval_metrics, eval_job = self._eval_join(eval_job, eval_prompts), None
                 if c.train.eval_every and done % c.train.eval_every == 0 and eval_prompts and done < c.train.total_steps:
-                    eval_metrics = self.evaluate(eval_prompts, step=done)
-                    self._log(_fmt("eval", done, eval_metrics))
+                    if async_eval:
+                        eval_job = self._eval_start(eval_prompts, done)
+                    else:
+                        eval_metrics = self.evaluate(eval_prompts, step=done)
+                        self._log(_fmt("eval", done, eval_metrics))
                 es_value = self._early_stopping_value(metrics, eval_metrics, done)
                 if es_value is not None and self.check_early_stopping(es_value):
                     stop_reason = self.early_stopping_state["reason"]
@@ -586,8 +623,12 @@ class PPOTrainer:
                     self._save_checkpoint(iterator, {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
                 if stop_reason or self._stop_signal is not None:
                     break
+            if eval_job is not None:              # stopped early: the last evaluation is still logged
+                eval_metrics, eval_job = self._eval_join(eval_job, eval_prompts), None
         except BaseException:
             # the last complete checkpoint stays intact; finish pending writes and close the files
+            if eval_job is not None:
+                eval_job.abandon()
             self.checkpointer.close()
             self.logger.close()
             raise
@@ -683,3 +724,33 @@ def _progress(cfg, start):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=cfg.train.total_steps, initial=start, desc="ppo", unit="it", dynamic_ncols=True)
+
+
+_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+class _EvalJob:
+    """`fn()` running in a daemon thread; `result()` joins it and re-raises what it raised."""
+
+    def __init__(self, step: int, fn):
+        self.step = step
+        self._out = self._error = None
+
+        def run():
+            try:
+                self._out = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"jaxppo-eval-{step}", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+    def abandon(self):
+        """Wait for the thread (it holds device buffers) and drop its result or error."""
+        self._thread.join()

@@ -40,8 +40,9 @@ def test_run_writes_the_run_directory(tmp_path):
                "logging.tensorboard=true")
     trainer = PPOTrainer(cfg)
     summary = trainer.train()
-    # training and the two evaluations ran one rollout program and one update program
+    # training ran one rollout and one update program; the evaluations (compiled before step 1) one
     assert trainer.programs.rollout._cache_size() == 1 and trainer.programs.update._cache_size() == 1
+    assert trainer.programs.evaluate._cache_size() == 1
     run = tmp_path / "run"
     for name in ("config.yaml", "train.log", "metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints",
                  "plots/overview.png", "final_model/config.json", "final_model/model.safetensors"):
@@ -129,6 +130,48 @@ def test_evaluate_is_deterministic(tmp_path):
     assert a == b
     assert set(a) >= {"objective/scores", "objective/kl", "response_length", "eos_rate"}
     assert a["num_prompts"] == 3.0
+
+
+def test_evaluation_program_matches_the_training_rollout(tmp_path):
+    """`programs.evaluate` samples what the rollout samples under the same key and scores it the
+    same way (KL to the reference, reward model), without the critic; by default one batch holds
+    every eval prompt, up to 4 x train.batch_size."""
+    from jaxppo.trainer import tiny_model_dir
+
+    rm = tiny_model_dir("gpt2", reward_model=True)
+    trainer = PPOTrainer(make(tmp_path, "train.total_steps=1", f"model.reward_model={rm}", "train.eval_batch_size=null"))
+    prompts = ["Tell me a story about the cat", "Describe how a wise owl finds a key", "Imagine that",
+               "Write about the sea", "Explain the moon", "A poem on rain"]
+    ids, mask = trainer._tokenize(prompts)
+    key = jax.random.PRNGKey(5)
+    exp = trainer.programs.rollout(trainer.state, trainer.frozen, ids, mask, key)
+    out = trainer.programs.evaluate(trainer.state.policy, trainer.frozen, ids, mask, key)
+    np.testing.assert_array_equal(out.response, exp.response)
+    np.testing.assert_array_equal(out.mask, exp.mask)
+    np.testing.assert_allclose(out.kl, ((exp.logprobs - exp.ref_logprobs) * exp.mask).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.rm_scores, exp.rm_scores, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(out.rm_scores)).max() > 0
+    assert trainer._eval_batch_size(6) == 6 and trainer._eval_batch_size(100) == 16
+    a = trainer.evaluate(prompts, log=False)
+    assert a["num_prompts"] == 6.0
+
+
+def test_background_evaluation_logs_what_a_blocking_one_does(tmp_path):
+    """train.async_eval runs each evaluation while the next step trains; every logged value is
+    the same as when the step waits for it (the eval row just comes one step later)."""
+    rows = {}
+    for flag in ("true", "false"):
+        cfg = make(tmp_path, "train.total_steps=4", "train.eval_every=1", f"train.async_eval={flag}", name=flag)
+        trainer = PPOTrainer(cfg)
+        trainer.train()
+        rows[flag] = read_metrics(tmp_path / flag / "metrics.jsonl")
+        assert trainer.programs.evaluate._cache_size() == 1
+    for split in ("train", "eval"):
+        a, b = ([NON_TIME(r) for r in rows[f] if r["split"] == split] for f in ("true", "false"))
+        assert sorted(a, key=lambda r: r["step"]) == b and len(b) == 4
+    evals = [(i, r["step"]) for i, r in enumerate(rows["true"]) if r["split"] == "eval"]
+    train_steps = [r["step"] for r in rows["true"] if r["split"] == "train"]
+    assert [s for _, s in evals] == [1, 2, 3, 4] and train_steps == [1, 2, 3, 4]
 
 
 def test_early_stopping(tmp_path):
