@@ -313,7 +313,8 @@ def _abstract(tree):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default, weak_type=x.weak_type)
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, (np.ndarray, np.generic)):
+        if isinstance(x, (np.ndarray, np.generic, int, float, bool)):   # restored as arrays
+            x = np.asarray(x)
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
         return x
 
