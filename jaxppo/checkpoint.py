@@ -44,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxppo.errors import JaxppoError
+from jaxppo.sharding import path_str
 
 __all__ = ["Checkpointer", "CheckpointError", "find_checkpoint_dir"]
 
@@ -242,7 +243,7 @@ class Checkpointer:
             raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable (no readable '{_LAYOUT}': "
                                         f"{_one_line(e)})") from e
         paths, treedef = jax.tree_util.tree_flatten_with_path(target)
-        wanted = [(_leaf_name(path), want) for path, want in paths]
+        wanted = [(path_str(path), want) for path, want in paths]
         _check_compatible(leaves, wanted, where)
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(_restore_target(layout, wanted)),
                                      _HOST: ocp.args.JsonRestore()})
@@ -321,19 +322,6 @@ def _abstract(tree):
     return jax.tree.map(leaf, tree)
 
 
-def _leaf_name(path) -> str:
-    """'policy.layers.0.attn.qkv.kernel.value' for a pytree key path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
 _PLANS: dict = {}   # (treedef, leaf avals + shardings) -> packing plan; a run's state keeps one
 
 
@@ -347,7 +335,7 @@ def _plan(leaves, treedef, state):
     layout, groups, singles, keys, sizes = [], {}, [], [], {}
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     for i, (path, x) in enumerate(zip(paths, leaves)):
-        entry = {"name": _leaf_name(path), "shape": list(x.shape), "dtype": str(x.dtype)}
+        entry = {"name": path_str(path), "shape": list(x.shape), "dtype": str(x.dtype)}
         size = x.size
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             entry["key_impl"] = str(jax.random.key_impl(x))   # stored as its raw key data

@@ -62,7 +62,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """'policy.layers.0.attn.qkv.kernel.value' for a pytree key path."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -94,7 +95,7 @@ def tree_shardings(tree, mesh: Mesh):
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(_path_str(path), shape, fsdp_size))
+        return NamedSharding(mesh, spec_for(path_str(path), shape, fsdp_size))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     from jaxppo.config import load_config
     from jaxppo.trainer import PPOTrainer
-    from jaxppo.sharding import _path_str
+    from jaxppo.sharding import path_str
     out_dir, prompts = sys.argv[1], sys.argv[2]
     cfg = load_config(None, [
         "train.total_steps=2", "train.batch_size=8", "rollout.max_new_tokens=8", "ppo.epochs=2",
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     t.train()
     specs = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(t.state.policy)[0]:
-        specs[_path_str(path)] = str(leaf.sharding.spec)
+        specs[path_str(path)] = str(leaf.sharding.spec)
     # the final checkpoint restores onto the same shardings, equal to the live state
     from jaxppo.checkpoint import Checkpointer
     with Checkpointer(f"{out_dir}/checkpoints", read_only=True) as ck:
