@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     cfg = load_config(None, [
         "train.total_steps=2", "train.batch_size=8", "rollout.max_new_tokens=8", "ppo.epochs=2",
         "ppo.num_minibatches=1", "logging.progress_bar=false", "logging.tensorboard=false",
-        "data.max_prompt_length=24", "data.eval_fraction=0.0", f"data.prompts={prompts}",
+        "data.max_prompt_length=24", "data.eval_fraction=0.25", "train.eval_every=1", f"data.prompts={prompts}",
         "optim.lr=1e-3", f"train.output_dir={out_dir}"])
     t = PPOTrainer(cfg)
     t.train()
@@ -39,8 +39,10 @@ SCRIPT = textwrap.dedent("""
                for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(t.state)))
     layout = json.load(open(f"{out_dir}/checkpoints/{step}/layout/metadata"))["leaves"]
     alone = sorted(e["name"] for e in layout if "group" not in e)
+    evals = [json.loads(l) for l in open(f"{out_dir}/metrics.jsonl") if '"eval"' in l]
     print("RESULT " + json.dumps({"devices": jax.device_count(), "history": t.history, "specs": specs,
-                                  "restored_same": same, "stored_alone": alone}))
+                                  "restored_same": same, "stored_alone": alone, "evals": evals,
+                                  "eval_compiles": t.programs.evaluate._cache_size()}))
 """)
 
 
@@ -86,6 +88,12 @@ def test_one_vs_eight_devices_same_metrics(tmp_path):
     assert one["restored_same"] and eight["restored_same"]
     assert one["stored_alone"] == []
     assert "policy.layers.0.attn.qkv.kernel.value" in eight["stored_alone"]
+    # evaluation (in the background, on a copy of the sharded policy): one compile, same values
+    assert one["eval_compiles"] == 1 and eight["eval_compiles"] == 1
+    assert [r["step"] for r in one["evals"]] == [r["step"] for r in eight["evals"]] == [1, 2]
+    for a, b in zip(one["evals"], eight["evals"]):
+        for k in ("objective/scores", "objective/kl", "response_length"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=f"eval step {a['step']} {k}")
     keys = ["objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
             "policy/approxkl_avg", "val/ratio", "objective/rlhf_reward"]
     for a, b in zip(one["history"], eight["history"]):
