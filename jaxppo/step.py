@@ -158,26 +158,28 @@ class PPOPrograms:
     def _sample_key(self, state: TrainState):
         return self.iteration_keys(state)[0]
 
-    def _rollout(self, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key):
-        """Train and eval share this one program (eval passes its own fixed key)."""
-        policy = nnx.merge(self.graphs[0], state.policy)
+    def _sample_and_score(self, policy_params, critic_params, frozen: Frozen, prompt_ids, prompt_mask, key):
+        """Sample, then the no-grad forwards: (sample output, attention mask, ref log-probs,
+        values or None without `critic_params`, RM scores)."""
+        policy = nnx.merge(self.graphs[0], policy_params)
         out = sample(policy, prompt_ids, prompt_mask, key, self.s.sampling)
         attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
-        forwards = self._score_forwards(state.critic, frozen, out.response.shape[1])
+        forwards = self._score_forwards(critic_params, frozen, out.response.shape[1])
         ref_logprobs, values, scores = _chunked(forwards, self.s.forward_batch_size,
                                                 out.tokens, attn, out.response, out.mask)
+        return out, attn, ref_logprobs, values, scores
+
+    def _rollout(self, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key):
+        out, attn, ref_logprobs, values, scores = self._sample_and_score(
+            state.policy, state.critic, frozen, prompt_ids, prompt_mask, key)
         return Experience(tokens=out.tokens, attention_mask=attn, response=out.response, mask=out.mask,
                           logprobs=out.logprobs, ref_logprobs=ref_logprobs * out.mask,
                           values=values * out.mask, rm_scores=scores, num_steps=out.num_steps)
 
     def _evaluate(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key) -> EvalOutput:
         """Sample with `key` (fixed by the caller) and score: what `evaluate` reports, nothing more."""
-        policy = nnx.merge(self.graphs[0], policy_params)
-        out = sample(policy, prompt_ids, prompt_mask, key, self.s.sampling)
-        attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
-        forwards = self._score_forwards(None, frozen, out.response.shape[1])
-        ref_logprobs, _, scores = _chunked(forwards, self.s.forward_batch_size,
-                                           out.tokens, attn, out.response, out.mask)
+        out, _, ref_logprobs, _, scores = self._sample_and_score(
+            policy_params, None, frozen, prompt_ids, prompt_mask, key)
         kl = ((out.logprobs - ref_logprobs) * out.mask).sum(-1)
         return EvalOutput(response=out.response, mask=out.mask, kl=kl, rm_scores=scores)
 
