@@ -566,8 +566,8 @@ class PPOTrainer:
         last_metrics: dict = {}
         eval_metrics: dict = {}
         stop_reason = None
-        if eval_prompts:   # compile the evaluation now, not in the middle of the run (not logged)
-            self.evaluate(eval_prompts, log=False)
+        if eval_prompts:   # compile the evaluation program now, not in the middle of the run
+            jax.block_until_ready(self._eval_dispatch(eval_prompts, self.state.policy))
         # an evaluation overlaps the next step unless early stopping must see its result at once
         async_eval = c.train.async_eval and not str(c.early_stopping.metric or "").startswith("eval/")
         eval_job = None
