@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 from jaxppo.errors import ConfigError
@@ -646,6 +646,18 @@ def _merge_into(target: dict, values: Mapping) -> None:
             target[key] = value
 
 
+def _writable(node: DictConfig) -> DictConfig:
+    """`node` with the read-only flag cleared on it and every mapping below it: on Python >= 3.12
+    OmegaConf marks the nodes of frozen dataclasses (the sections) read-only, and a merge into
+    them fails. The result is still built by the frozen dataclasses."""
+    OmegaConf.set_readonly(node, False)
+    if not node._is_none():  # an optional section left null (ppo.adaptive_kl)
+        for _, child in node.items_ex(resolve=False):
+            if isinstance(child, DictConfig):
+                _writable(child)
+    return node
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PPOConfig:
     """Defaults <- YAML file at `path` <- dotted `overrides` (`["ppo.kl_coef=0.1", ...]`, YAML values).
 
@@ -668,7 +680,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         combined: dict = {}
         for layer in layers:
             _merge_into(combined, layer.values)
-        merged = OmegaConf.merge(OmegaConf.structured(PPOConfig), OmegaConf.create(combined))
+        merged = OmegaConf.merge(_writable(OmegaConf.structured(PPOConfig)), OmegaConf.create(combined))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _convert(e, layers) from None

@@ -39,6 +39,30 @@ def test_defaults_are_valid_and_frozen():
     assert hash(load_config(None, ["reward.functions=[m:f]"])) == hash(load_config(None, ["reward.functions=[m:f]"]))
 
 
+def test_overrides_merge_into_the_read_only_nodes_of_frozen_sections():
+    """OmegaConf marks a frozen dataclass's node read-only; omegaconf 2.3.0 (inside the supported
+    range) then refused every YAML value and override ("model.policy: expected str, got '/x'").
+    load_config clears the flag on every mapping of the schema, the null optional sections too."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from jaxppo.config import _writable
+
+    def read_only(node, path=""):
+        found = [path] if node._get_flag("readonly") else []
+        if not node._is_none():
+            for key, child in node.items_ex(resolve=False):
+                if isinstance(child, DictConfig):
+                    found += read_only(child, f"{path}.{key}")
+        return found
+
+    schema = OmegaConf.structured(PPOConfig)
+    OmegaConf.set_readonly(schema.model, True)  # as omegaconf 2.3.0 leaves every section
+    assert ".model" in read_only(schema)
+    assert read_only(_writable(schema)) == []
+    config = load_config(None, ["model.policy=/x/y", "ppo.adaptive_kl.target=3.0", "optim.plateau.patience=2"])
+    assert (config.model.policy, config.ppo.adaptive_kl.target, config.optim.plateau.patience) == ("/x/y", 3.0, 2)
+
+
 def test_describe_fields_covers_every_field_with_help():
     rows = describe_fields()
     keys = [key for key, _, _ in rows]
