@@ -17,8 +17,12 @@ one `device_get` of the metrics: what `PPOTrainer.train` runs per step, minus lo
 
 Prints one JSON line: `sec_per_iter_median`, the phase split (`rollout` = generate + scoring
 forwards; `generate` timed separately with the same sampler; `scoring_forwards` = their
-difference; `update`), generated tokens/s, an MFU estimate against a measured f32 matmul peak of
-this machine, and the peak RSS.
+difference; `update`), generated tokens/s, an MFU estimate against a measured matmul peak of
+this machine (f32 1024^3 on the CPU, `--dtype` 8192^3 on an accelerator), and the peak RSS. On an
+accelerator also: update tokens/s and MFU, decode tokens/s against the roofline of the measured
+copy bandwidth (each decode step reads the policy's weights and its KV cache once) and the
+device's peak memory. A model folder without prompts.jsonl gets random prompt ids
+(`experiments/gpu_bench.sh`: a random Qwen2-0.5B shape on a GPU).
 
 `--profile DIR` then traces two more iterations with `jax.profiler` (a Perfetto trace under DIR),
 writes the optimized HLO of both programs there (`update.hlo.txt`, `rollout.hlo.txt`) and prints
@@ -37,15 +41,16 @@ import sys
 import time
 
 
-def matmul_peak_flops(n: int = 1024, reps: int = 20) -> float:
-    """Best-of f32 matmul FLOP/s of this machine under XLA (the MFU denominator), with XLA's own
-    dot and with the update program's compiler options (YNNPACK on the CPU), whichever is faster."""
+def matmul_peak_flops(n: int = 1024, reps: int = 20, dtype: str = "float32") -> float:
+    """Best-of matmul FLOP/s of this machine under XLA (the MFU denominator): an n x n x n product in
+    `dtype`, with XLA's own dot and with the update program's compiler options (YNNPACK on the CPU),
+    whichever is faster."""
     import jax
     import jax.numpy as jnp
 
     from jaxppo.step import update_compiler_options
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     best = float("inf")
     for options in ({}, update_compiler_options() or {}):
         f = jax.jit(lambda x: x @ x, compiler_options=options)
@@ -55,6 +60,48 @@ def matmul_peak_flops(n: int = 1024, reps: int = 20) -> float:
             f(a).block_until_ready()
             best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def copy_bandwidth(n_bytes: int = 2 << 30, reps: int = 10) -> float:
+    """Bytes/s of the best of `reps` elementwise passes over an n_bytes array (read + write counted):
+    the memory roofline of the decode loop."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda v: v * 1.0001)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best
+
+
+def matmul_params(n_params: int, config, lm_head: bool) -> int:
+    """The parameters of a model that are multiplied per token: all but the embedding table (a
+    lookup) and GPT-2's learned positions, plus the table again where it is the tied LM head."""
+    lookup = config.vocab_size * config.hidden_size
+    if config.arch == "gpt2":
+        lookup += config.max_position_embeddings * config.hidden_size
+    return n_params - lookup + (config.vocab_size * config.hidden_size if lm_head and config.tie_word_embeddings else 0)
+
+
+def device_peak_mb() -> float | None:
+    """Peak bytes the accelerator's allocator handed out (None on the CPU, which reports none)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / 2 ** 20, 1) if "peak_bytes_in_use" in stats else None
+
+
+def synthetic_prompts(n: int, prompt_len: int, vocab: int, seed: int):
+    """[n, prompt_len] token ids drawn uniformly from the ordinary tokens (2 .. vocab-1) of a tiny
+    tokenizer: the work of sampling does not depend on what the prompt says."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(2, vocab, size=(n, prompt_len), dtype=np.int32)
 
 
 def top_ops(trace_dir: str, n: int = 25) -> list[tuple[str, float, int]]:
@@ -128,8 +175,9 @@ def main(argv=None):
 
     d = os.path.expanduser(args.model_dir)
     total = args.warmup + args.iters
+    critic = "value" if os.path.isdir(os.path.join(d, "value")) else "reward"  # a second copy of the RM
     cfg = load_config(None, [
-        f"model.policy={d}/policy", f"model.reward_model={d}/reward", f"model.critic={d}/value",
+        f"model.policy={d}/policy", f"model.reward_model={d}/reward", f"model.critic={d}/{critic}",
         f"model.dtype={args.dtype}", "reward.task=null",
         f"rollout.max_new_tokens={args.response_length}", f"rollout.temperature={args.temperature}",
         "rollout.stop_at_eos=false", "rollout.top_k=0", "rollout.top_p=1.0",
@@ -142,9 +190,16 @@ def main(argv=None):
     ])
     trainer = PPOTrainer(cfg)
     tok = trainer.tokenizer
-    with open(os.path.join(d, "prompts.jsonl")) as f:
-        texts = [json.loads(line)["prompt"] for line in f if line.strip()]
-    rows = [ids[:args.prompt_len] for ids in (tok(t)["input_ids"] for t in texts) if len(ids) >= args.prompt_len]
+    prompts_file = os.path.join(d, "prompts.jsonl")
+    if os.path.exists(prompts_file):
+        with open(prompts_file) as f:
+            texts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        rows = [ids[:args.prompt_len] for ids in (tok(t)["input_ids"] for t in texts)
+                if len(ids) >= args.prompt_len]
+    else:  # a model folder without prompts (the GPU run's random Qwen2-0.5B shape): random ids
+        rows = synthetic_prompts(4 * args.batch, args.prompt_len, len(tok), args.seed)
+    if len(rows) < args.batch:
+        sys.exit(f"error: fewer than --batch {args.batch} prompts of >= {args.prompt_len} tokens in {prompts_file}")
     ids_all = np.asarray(rows, np.int32)                          # [N, P], no padding
     mask_all = np.ones_like(ids_all)
     n_batches = len(rows) // args.batch
@@ -164,6 +219,7 @@ def main(argv=None):
         t2 = time.perf_counter()
         if i == 0:
             t_compile = t2 - t0
+        print(f"iter {i}: rollout {t1 - t0:.3f} s, update {t2 - t1:.3f} s", file=sys.stderr, flush=True)
         if i >= args.warmup:
             times.append(t2 - t0)
             t_roll.append(t1 - t0)
@@ -192,10 +248,29 @@ def main(argv=None):
     n_critic = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state.critic))
     S = args.prompt_len + args.response_length
     B = args.batch
-    flops = (2 * n_policy * B * S                          # sampling (prefill + decode)
-             + 2 * (n_policy + 2 * n_critic) * B * S       # ref, value, reward forwards
-             + args.ppo_epochs * 6 * (n_policy + n_critic) * B * S)   # every row once per epoch
-    peak = matmul_peak_flops()
+    # FLOPs count the parameters that take part in a matmul: not the embedding lookup (nor GPT-2's
+    # learned positions), except where a tied LM head multiplies by the embedding; attention's
+    # score and value products (a few % at these lengths) are left out
+    m_policy = matmul_params(n_policy, trainer.policy_config, lm_head=True)
+    m_critic = matmul_params(n_critic, trainer.critic_config, lm_head=False)
+    m_rm = matmul_params(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen.reward_model)),
+                         trainer.reward_model.config, lm_head=False)
+    flops = (2 * m_policy * B * S                            # sampling (prefill + decode)
+             + 2 * (m_policy + m_critic + m_rm) * B * S      # ref, value, reward forwards
+             + args.ppo_epochs * 6 * (m_policy + m_critic) * B * S)   # every row once per epoch
+    accelerator = jax.default_backend() != "cpu"
+    peak = matmul_peak_flops(n=8192 if accelerator else 1024, dtype=args.dtype)
+    t_gen_med, t_upd_med = statistics.median(t_gen), statistics.median(t_upd)
+    update_flops = args.ppo_epochs * 6 * (m_policy + m_critic) * B * S
+    # decode roofline: every step reads the policy's weights and its whole (fixed-size) KV cache once
+    pcfg = policy.config
+    itemsize = jnp.dtype(args.dtype).itemsize
+    kv_bytes = (2 * pcfg.num_layers * B * pcfg.num_kv_heads * S
+                * pcfg.head_dim * itemsize)
+    step_bytes = n_policy * itemsize + kv_bytes
+    # on the CPU a tiny model's weights sit in the caches, so a DRAM roofline says nothing there
+    bandwidth = copy_bandwidth() if accelerator else None
+    roofline_tps = B * bandwidth / step_bytes if accelerator else None
     out = {
         "impl": "jaxppo", "batch": B, "prompt_len": args.prompt_len, "response_length": args.response_length,
         "ppo_epochs": args.ppo_epochs, "num_mini_batches": args.num_mini_batches,
@@ -211,9 +286,19 @@ def main(argv=None):
             "update": round(statistics.median(t_upd), 4),
         },
         "first_iter_sec_incl_compile": round(t_compile, 2),
+        "update_tokens_per_sec": round(args.ppo_epochs * B * S / t_upd_med, 1),
+        "update_mfu": round(update_flops / t_upd_med / peak, 4),
+        "generate_tokens_per_sec": round(B * args.response_length / t_gen_med, 1),
+        "decode_roofline_tokens_per_sec": round(roofline_tps, 1) if accelerator else None,
+        "generate_fraction_of_roofline":
+            round(B * args.response_length / t_gen_med / roofline_tps, 4) if accelerator else None,
+        "measured_copy_bandwidth_gbs": round(bandwidth / 1e9, 1) if accelerator else None,
+        "decode_bytes_per_step": step_bytes,
+        "prompts": "prompts.jsonl" if os.path.exists(prompts_file) else "synthetic",
         "model_flops_per_iter": flops, "matmul_peak_gflops": round(peak / 1e9, 1),
         "achieved_gflops": round(flops / med / 1e9, 2), "mfu": round(flops / med / peak, 4),
-        "policy_params": n_policy, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "policy_params": n_policy, "critic_params": n_critic, "matmul_params": [m_policy, m_critic, m_rm],
+        "device_peak_mb": device_peak_mb(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
         "total_wall_sec": round(time.perf_counter() - t_start, 2),
         "final_objective_kl": float(metrics["objective/kl"]),

@@ -23,13 +23,16 @@ import sys
 import time
 
 
-def load_prompts(model_dir: str, tokenizer, batch: int, prompt_len: int):
+def load_prompts(model_dir: str, tokenizer, batch: int, prompt_len: int, seed: int = 0):
+    """`batch` prompts cut to `prompt_len` tokens from model_dir/prompts.jsonl; without that file,
+    random token ids (a random model's sampling costs the same whatever the prompt says)."""
     path = os.path.join(model_dir, "prompts.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            texts = [json.loads(line)["prompt"] for line in f if line.strip()]
-    else:
-        texts = ["Tell me a story about the cat who walks to the green garden every day and then"] * batch
+    if not os.path.exists(path):
+        import numpy as np
+
+        return np.random.default_rng(seed).integers(2, len(tokenizer), size=(batch, prompt_len)).tolist()
+    with open(path) as f:
+        texts = [json.loads(line)["prompt"] for line in f if line.strip()]
     rows = []
     for t in texts:
         ids = tokenizer(t)["input_ids"]
@@ -55,8 +58,8 @@ def bench_jaxppo(args):
     from jaxppo.models.hf import load_causal_lm
     from jaxppo.rollout import SamplingParams, generate
 
-    model, tok = load_causal_lm(policy_dir(args.model_dir), dtype=jnp.float32)
-    ids = np.asarray(load_prompts(args.model_dir, tok, args.batch, args.prompt_len), np.int32)
+    model, tok = load_causal_lm(policy_dir(args.model_dir), dtype=jnp.dtype(args.dtype))
+    ids = np.asarray(load_prompts(args.model_dir, tok, args.batch, args.prompt_len, args.seed), np.int32)
     mask = np.ones_like(ids)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature,
                             pad_token_id=tok.pad_token_id or 0, stop_at_eos=False)
@@ -82,7 +85,7 @@ def bench_transformers(args):
     path = policy_dir(args.model_dir)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    q = torch.tensor(load_prompts(args.model_dir, tok, args.batch, args.prompt_len))
+    q = torch.tensor(load_prompts(args.model_dir, tok, args.batch, args.prompt_len, args.seed))
     kw = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
               min_new_tokens=args.new_tokens, use_cache=True, pad_token_id=tok.pad_token_id,
               attention_mask=torch.ones_like(q))
@@ -107,12 +110,15 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="parameter and compute dtype of jaxppo's model (transformers runs float32)")
     args = ap.parse_args(argv)
     times, extra = (bench_jaxppo if args.impl == "jaxppo" else bench_transformers)(args)
     med = statistics.median(times)
     print(json.dumps({
         "impl": args.impl, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "iters": args.iters, "sec_per_call_median": round(med, 5), "sec_per_call_min": round(min(times), 5),
+        "iters": args.iters, "dtype": args.dtype if args.impl == "jaxppo" else "float32",
+        "sec_per_call_median": round(med, 5), "sec_per_call_min": round(min(times), 5),
         "sec_per_call_max": round(max(times), 5), "tokens_per_sec": round(args.batch * args.new_tokens / med, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **extra}))
 
