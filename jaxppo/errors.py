@@ -8,7 +8,7 @@ no traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["JaxppoError", "ConfigError", "DataError", "one_line"]
+__all__ = ["JaxppoError", "ConfigError", "DataError", "RewardError", "one_line"]
 
 
 class JaxppoError(Exception):
@@ -29,6 +29,10 @@ class ConfigError(JaxppoError, ValueError):
 
 class DataError(JaxppoError, ValueError):
     """Invalid data: missing or malformed prompt file, prompts that do not fit, bad tokenizer."""
+
+
+class RewardError(JaxppoError):
+    """A reward function raised or returned something unusable (with reward.on_error=raise)."""
 
 
 def one_line(text: object, limit: int = 300) -> str:

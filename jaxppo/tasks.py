@@ -14,6 +14,9 @@ Point `reward.functions: ["my_module:my_reward"]` at your own; `reward.task` pic
               30-40 nats per response.
 - `length`:   1 - |len(words) - 12| / 12, clipped to [-1, 1]: learn to stop at a length.
 - `keyword`:  +1 per occurrence of "the" (case-insensitive), at most 4.
+
+`score_responses` calls a set of weighted reward functions on one batch, as the trainer does at
+every step and evaluation, and finds, names and raises or penalises the rows a function fails on.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import importlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
-from jaxppo.errors import ConfigError
+import numpy as np
+
+from jaxppo.errors import ConfigError, RewardError, one_line
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -97,3 +102,72 @@ def import_function(spec: str, key: str = "reward.functions") -> RewardFn:
     if not callable(fn):
         raise ConfigError(f"{key}: module {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def score_responses(reward_fns: list[tuple[str, RewardFn, float]], prompts: list[str], texts: list[str], *,
+                    on_error: str = "raise", error_penalty: float = 0.0, log: Callable[[str], None] = print,
+                    sources: Mapping[str, str] | None = None) -> np.ndarray:
+    """Weighted sum of reward functions' scores, float32 [B]: `reward_fns` are (name, fn, weight),
+    `texts` the decoded responses to `prompts`.
+
+    A function that raises (or returns the wrong number of scores) on the batch is called again
+    on each row to find the prompt at fault; a non-finite score names its prompt too. With
+    on_error="raise" that is a RewardError; with "penalty" the rows at fault score error_penalty
+    (with a warning through `log`) and the others keep their scores. `sources` maps a prompt to
+    where it comes from ('prompts.jsonl:7'), shown next to it.
+    """
+    B = len(prompts)
+    total = np.zeros(B, np.float64)
+    sources = sources or {}
+
+    def show(text: str, limit: int = 80) -> str:
+        return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+    def prompt_at(i: int) -> str:
+        where = sources.get(prompts[i])
+        return show(prompts[i]) + (f" ({where})" if where else "")
+
+    def call(fn, p, t):
+        """(scores float64 [len(p)], None) or (None, what went wrong)."""
+        try:
+            values = np.asarray(fn(p, t), dtype=np.float64).reshape(-1)
+        except Exception as e:  # noqa: BLE001 - user code
+            return None, f"{type(e).__name__}: {one_line(e)}"
+        if values.shape[0] != len(p):
+            return None, f"returned {values.shape[0]} scores for {len(p)} responses"
+        return values, None
+
+    for name, fn, weight in reward_fns:
+        values, error = call(fn, prompts, texts)
+        if error is not None:
+            values, failed = np.full(B, error_penalty, np.float64), []
+            for i in range(B):             # the batch call does not say which row is at fault
+                row, row_error = call(fn, prompts[i:i + 1], texts[i:i + 1])
+                if row_error is None:
+                    values[i] = row[0]
+                    continue
+                failed.append(i)
+                if on_error == "raise":
+                    raise RewardError(f"reward function {name} failed on prompt {prompt_at(i)} "
+                                      f"(response {show(texts[i])}): {row_error}")
+                if len(failed) == 1:
+                    error = f"{row_error}; first on prompt {prompt_at(i)}"
+            if not failed:                 # every row passes alone: the batch as a whole is at fault
+                if on_error == "raise":
+                    raise RewardError(f"reward function {name} failed on a batch of {B} prompts "
+                                      f"(first {prompt_at(0)}): {error}")
+                values[:], failed = error_penalty, list(range(B))
+            log(f"warning: reward function {name} failed on {len(failed)} of {B} responses ({error}); "
+                f"they score reward.error_penalty={error_penalty}")
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = int(np.argmax(bad))
+            if on_error == "raise":
+                raise RewardError(f"reward function {name} returned {values[i]} for prompt {prompt_at(i)} "
+                                  f"(response {show(texts[i])}); reward.on_error=penalty scores such "
+                                  "responses reward.error_penalty instead")
+            log(f"warning: reward function {name} returned {int(bad.sum())} non-finite scores "
+                f"(first {values[i]} for prompt {prompt_at(i)}); using reward.error_penalty={error_penalty}")
+            values = np.where(bad, error_penalty, values)
+        total += weight * values
+    return total.astype(np.float32)

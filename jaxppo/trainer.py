@@ -31,7 +31,7 @@ from jaxppo import tasks
 from jaxppo.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxppo.config import PPOConfig, save_config
 from jaxppo.data import PPODataset, PromptIterator, split_prompts, tokenize_prompts
-from jaxppo.errors import ConfigError, JaxppoError
+from jaxppo.errors import ConfigError, JaxppoError, RewardError  # noqa: F401 (RewardError: public here too)
 from jaxppo.logger import TrainingLogger
 from jaxppo.models import hf
 from jaxppo.optim import make_optimizer
@@ -39,10 +39,6 @@ from jaxppo.rollout import SamplingParams
 from jaxppo.sharding import make_mesh, replicated, shard_batch, shard_tree, tree_shardings
 from jaxppo.step import Frozen, PPOPrograms, StepSettings, init_train_state
 from jaxppo.update import UpdateSettings
-
-
-class RewardError(JaxppoError):
-    """A reward function raised or returned something unusable."""
 
 
 class NonFiniteError(JaxppoError):
@@ -255,77 +251,16 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rewards
     def _function_scores(self, prompts: list[str], exp) -> np.ndarray:
-        """Weighted sum of the reward functions' scores on the decoded responses: float32 [B].
-
-        A function that raises (or returns the wrong number of scores) on the batch is called again
-        on each row to find the prompt at fault; a non-finite score names its prompt too. With
-        reward.on_error=raise that is a RewardError, with penalty the rows at fault score
-        reward.error_penalty (with a warning) and the others keep their scores.
-        """
-        from jaxppo.errors import one_line
-
-        B = len(prompts)
+        """Weighted sum of the reward functions' scores on the decoded responses: float32 [B]
+        (`tasks.score_responses`: rows at fault are found, named, and raised or penalised)."""
         if not self._reward_fns:
-            return np.zeros(B, np.float32)
+            return np.zeros(len(prompts), np.float32)
         response, mask = jax.device_get((exp.response, exp.mask))
         texts = [self.tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(response, mask)]
-        total = np.zeros(B, np.float64)
         r = self.config.reward
-        sources = getattr(self, "_prompt_sources", {})
-
-        def show(text: str, limit: int = 80) -> str:
-            return repr(text if len(text) <= limit else text[:limit - 3] + "...")
-
-        def prompt_at(i: int) -> str:
-            """The prompt, cut short, and where it comes from ('prompts.jsonl:7') if known."""
-            where = sources.get(prompts[i])
-            return show(prompts[i]) + (f" ({where})" if where else "")
-
-        def call(fn, p, t):
-            """(scores float64 [len(p)], None) or (None, what went wrong)."""
-            try:
-                values = np.asarray(fn(p, t), dtype=np.float64).reshape(-1)
-            except Exception as e:  # noqa: BLE001 - user code
-                return None, f"{type(e).__name__}: {one_line(e)}"
-            if values.shape[0] != len(p):
-                return None, f"returned {values.shape[0]} scores for {len(p)} responses"
-            return values, None
-
-        for name, fn, weight in self._reward_fns:
-            values, error = call(fn, prompts, texts)
-            if error is not None:
-                values, failed = np.full(B, r.error_penalty, np.float64), []
-                for i in range(B):             # the batch call does not say which row is at fault
-                    row, row_error = call(fn, prompts[i:i + 1], texts[i:i + 1])
-                    if row_error is None:
-                        values[i] = row[0]
-                        continue
-                    failed.append(i)
-                    if r.on_error == "raise":
-                        raise RewardError(f"reward function {name} failed on prompt {prompt_at(i)} "
-                                          f"(response {show(texts[i])}): {row_error}")
-                    if len(failed) == 1:
-                        error = f"{row_error}; first on prompt {prompt_at(i)}"
-                if not failed:                 # every row passes alone: the batch as a whole is at fault
-                    if r.on_error == "raise":
-                        raise RewardError(f"reward function {name} failed on a batch of {B} prompts "
-                                          f"(first {prompt_at(0)}): {error}")
-                    values[:], failed = r.error_penalty, list(range(B))
-                self._log(f"warning: reward function {name} failed on {len(failed)} of {B} responses ({error}); "
-                          f"they score reward.error_penalty={r.error_penalty}")
-            bad = ~np.isfinite(values)
-            if bad.any():
-                i = int(np.argmax(bad))
-                if r.on_error == "raise":
-                    raise RewardError(f"reward function {name} returned {values[i]} for prompt {prompt_at(i)} "
-                                      f"(response {show(texts[i])}); reward.on_error=penalty scores such "
-                                      "responses reward.error_penalty instead")
-                self._log(f"warning: reward function {name} returned {int(bad.sum())} non-finite scores "
-                          f"(first {values[i]} for prompt {prompt_at(i)}); "
-                          f"using reward.error_penalty={r.error_penalty}")
-                values = np.where(bad, r.error_penalty, values)
-            total += weight * values
-        return total.astype(np.float32)
+        return tasks.score_responses(self._reward_fns, prompts, texts, on_error=r.on_error,
+                               error_penalty=r.error_penalty, log=self._log,
+                               sources=getattr(self, "_prompt_sources", {}))
 
     # ------------------------------------------------------------------ logging helpers
     def _log(self, message: str):

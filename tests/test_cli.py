@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxppo.config import load_config
 from jaxppo.models.tiny import make_tiny
-from jaxppo.tasks import demo_prompts
+from jaxppo.tasks import demo_prompts, score_responses
 from jaxppo.train import main
 from jaxppo.trainer import PPOTrainer, RewardError, tiny_model_dir
 
@@ -296,23 +296,20 @@ def test_reward_function_returning_nan_names_the_prompt(files, tmp_path, capsys,
 
 
 def test_reward_errors_with_penalty_score_only_the_rows_at_fault(rewards_module):
-    """`_function_scores` alone (no model): per-row isolation of a raising or non-finite function."""
-    prompts = ["p0", "p1", "p2", "p3"]
+    """`tasks.score_responses` alone (no model): per-row isolation of a raising or non-finite function."""
+    prompts, texts = ["p0", "p1", "p2", "p3"], ["xxx"] * 4
     rewards_module.CULPRIT = "p2"
     logged = []
-    config = load_config(None, ["reward.on_error=penalty", "reward.error_penalty=-3"])
-    fake = SimpleNamespace(
-        config=config, _log=logged.append, _prompt_sources={"p2": "prompts.jsonl:9"},
-        tokenizer=SimpleNamespace(decode=lambda ids, skip_special_tokens: "x" * len(ids)),
-        _reward_fns=[("picky", rewards_module.picky, 1.0), ("nan", rewards_module.nan_for_culprit, 2.0)])
-    exp = SimpleNamespace(response=np.ones((4, 3), np.int32), mask=np.ones((4, 3), np.int32))
-    scores = PPOTrainer._function_scores(fake, prompts, exp)
+    fns = [("picky", rewards_module.picky, 1.0), ("nan", rewards_module.nan_for_culprit, 2.0)]
+    sources = {"p2": "prompts.jsonl:9"}
+    scores = score_responses(fns, prompts, texts, on_error="penalty", error_penalty=-3.0, log=logged.append,
+                             sources=sources)
+    assert scores.dtype == np.float32
     np.testing.assert_allclose(scores, [0.5 + 1.0, 0.5 + 1.0, -3.0 + 2 * -3.0, 0.5 + 1.0])
     assert "failed on 1 of 4 responses" in logged[0] and "'p2' (prompts.jsonl:9)" in logged[0]
     assert "non-finite" in logged[1] and "'p2' (prompts.jsonl:9)" in logged[1]
-    fake.config = load_config(None, ["reward.on_error=raise"])
     with pytest.raises(RewardError, match=r"failed on prompt 'p2' \(prompts.jsonl:9\) \(response 'xxx'\)"):
-        PPOTrainer._function_scores(fake, prompts, exp)
+        score_responses(fns, prompts, texts, on_error="raise", sources=sources)
 
 
 # ---------------------------------------------------------------------------------------- the terminal
