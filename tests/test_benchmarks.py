@@ -1,0 +1,64 @@
+"""The benchmark scripts of experiments/ run end to end on tiny models (so they do not rot), and
+their FLOP count is the one their docstrings describe."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from jaxppo.trainer import tiny_model_dir
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """policy/ + reward/ and no value/ or prompts.jsonl: the layout `gpu_bench.sh` writes."""
+    root = tmp_path_factory.mktemp("bench-models")
+    os.symlink(tiny_model_dir("gpt2"), root / "policy")
+    os.symlink(tiny_model_dir("gpt2", reward_model=True), root / "reward")
+    return str(root)
+
+
+def _json_line(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+@pytest.mark.slow
+def test_bench_ppo_runs_on_random_prompts_and_counts_matmul_flops(model_dir, capsys):
+    bench = _load("bench_ppo")
+    bench.main(["--model-dir", model_dir, "--batch", "4", "--prompt-len", "8", "--response-length", "8",
+                "--ppo-epochs", "1", "--num-mini-batches", "2", "--iters", "2", "--warmup", "1"])
+    out = _json_line(capsys)
+    assert out["prompts"] == "synthetic" and out["backend"] == "cpu"
+    assert len(out["sec_per_iter_all"]) == 2 and out["sec_per_iter_median"] > 0
+    assert set(out["phase_median_sec"]) == {"rollout", "generate", "scoring_forwards", "update"}
+    assert 0 < out["mfu"] and 0 < out["update_mfu"]
+    assert out["decode_roofline_tokens_per_sec"] is None       # no DRAM roofline on the CPU
+    # the tiny GPT-2: vocab 512 x 64 embedding (tied: it is the LM head), 256 x 64 learned positions
+    table, positions = 512 * 64, 256 * 64
+    m_policy, m_critic, m_rm = out["matmul_params"]
+    assert m_policy == out["policy_params"] - positions
+    assert m_critic == out["critic_params"] - table - positions == m_rm
+    S, B = 16, 4
+    assert out["model_flops_per_iter"] == (2 * m_policy * B * S + 2 * (m_policy + m_critic + m_rm) * B * S
+                                           + 6 * (m_policy + m_critic) * B * S)
+
+
+@pytest.mark.slow
+def test_bench_rollout_runs_in_bfloat16_without_a_prompt_file(model_dir, capsys):
+    bench = _load("bench_rollout")
+    bench.main(["--model-dir", model_dir, "--batch", "4", "--prompt-len", "8", "--new-tokens", "8",
+                "--iters", "2", "--dtype", "bfloat16"])
+    out = _json_line(capsys)
+    assert out["dtype"] == "bfloat16" and out["tokens_per_sec"] > 0 and out["iters"] == 2
