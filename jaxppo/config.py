@@ -647,9 +647,9 @@ def _merge_into(target: dict, values: Mapping) -> None:
 
 
 def _writable(node: DictConfig) -> DictConfig:
-    """`node` with the read-only flag cleared on it and every mapping below it: on Python >= 3.12
-    OmegaConf marks the nodes of frozen dataclasses (the sections) read-only, and a merge into
-    them fails. The result is still built by the frozen dataclasses."""
+    """`node` with the read-only flag cleared on it and every mapping below it: OmegaConf marks the
+    nodes of frozen dataclasses (the sections) read-only, and omegaconf 2.3.0 then refuses to merge
+    values into them (2.4 merges anyway). The result is still built by the frozen dataclasses."""
     OmegaConf.set_readonly(node, False)
     if not node._is_none():  # an optional section left null (ppo.adaptive_kl)
         for _, child in node.items_ex(resolve=False):

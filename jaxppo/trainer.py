@@ -259,8 +259,8 @@ class PPOTrainer:
         texts = [self.tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(response, mask)]
         r = self.config.reward
         return tasks.score_responses(self._reward_fns, prompts, texts, on_error=r.on_error,
-                               error_penalty=r.error_penalty, log=self._log,
-                               sources=getattr(self, "_prompt_sources", {}))
+                                     error_penalty=r.error_penalty, log=self._log,
+                                     sources=getattr(self, "_prompt_sources", {}))
 
     # ------------------------------------------------------------------ logging helpers
     def _log(self, message: str):
