@@ -18,8 +18,9 @@ one `device_get` of the metrics: what `PPOTrainer.train` runs per step, minus lo
 Prints one JSON line: `sec_per_iter_median`, the phase split (`rollout` = generate + scoring
 forwards; `generate` timed separately with the same sampler; `scoring_forwards` = their
 difference; `update`), generated tokens/s, an MFU estimate against a measured matmul peak of
-this machine (f32 1024^3 on the CPU, `--dtype` 8192^3 on an accelerator), and the peak RSS. On an
-accelerator also: update tokens/s and MFU, decode tokens/s against the roofline of the measured
+this machine (f32 1024^3 on the CPU, `--dtype` 8192^3 on an accelerator), the peak RSS, and the
+minor page faults and kernel CPU time of a timed iteration (medians; on the CPU each update maps
+its scratch buffer afresh, see experiments/README.md, session 6). On an accelerator also: update tokens/s and MFU, decode tokens/s against the roofline of the measured
 copy bandwidth (each decode step reads the policy's weights and its KV cache once) and the
 device's peak memory. A model folder without prompts.jsonl gets random prompt ids
 (`experiments/gpu_bench.sh`: a random Qwen2-0.5B shape on a GPU).
@@ -208,8 +209,10 @@ def main(argv=None):
 
     times, t_roll, t_upd = [], [], []
     t_compile = None
+    faults, sys_cpu = [], []      # minor page faults and kernel CPU seconds of each timed iteration
     for i in range(total):
         sl = slice((i % n_batches) * args.batch, (i % n_batches + 1) * args.batch)
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         exp = programs.rollout(trainer.state, frozen, ids_all[sl], mask_all[sl], programs.sample_key(trainer.state))
         jax.block_until_ready(exp.tokens)
@@ -224,6 +227,9 @@ def main(argv=None):
             times.append(t2 - t0)
             t_roll.append(t1 - t0)
             t_upd.append(t2 - t1)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            faults.append(usage.ru_minflt - usage0.ru_minflt)
+            sys_cpu.append(usage.ru_stime - usage0.ru_stime)
 
     if args.profile:
         profile_iterations(args.profile, programs, trainer, frozen, ids_all[:args.batch], mask_all[:args.batch], zeros)
@@ -298,6 +304,8 @@ def main(argv=None):
         "model_flops_per_iter": flops, "matmul_peak_gflops": round(peak / 1e9, 1),
         "achieved_gflops": round(flops / med / 1e9, 2), "mfu": round(flops / med / peak, 4),
         "policy_params": n_policy, "critic_params": n_critic, "matmul_params": [m_policy, m_critic, m_rm],
+        "minor_page_faults_per_iter_median": statistics.median(faults),
+        "sys_cpu_sec_per_iter_median": round(statistics.median(sys_cpu), 4),
         "device_peak_mb": device_peak_mb(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
         "total_wall_sec": round(time.perf_counter() - t_start, 2),
