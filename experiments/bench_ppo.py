@@ -20,10 +20,11 @@ forwards; `generate` timed separately with the same sampler; `scoring_forwards` 
 difference; `update`), generated tokens/s, an MFU estimate against a measured matmul peak of
 this machine (f32 1024^3 on the CPU, `--dtype` 8192^3 on an accelerator), the peak RSS, and the
 minor page faults and kernel CPU time of a timed iteration (medians; on the CPU each update maps
-its scratch buffer afresh, see experiments/README.md, session 6). On an accelerator also: update tokens/s and MFU, decode tokens/s against the roofline of the measured
-copy bandwidth (each decode step reads the policy's weights and its KV cache once) and the
-device's peak memory. A model folder without prompts.jsonl gets random prompt ids
-(`experiments/gpu_bench.sh`: a random Qwen2-0.5B shape on a GPU).
+its scratch buffer afresh, see experiments/README.md, session 6). On an accelerator also: update
+tokens/s and MFU, decode tokens/s against the roofline of the measured copy bandwidth (each
+decode step reads the policy's weights and its KV cache once) and the device's peak memory. A
+model folder without prompts.jsonl gets random prompt ids (`experiments/gpu_bench.sh`: a random
+Qwen2-0.5B shape on a GPU).
 
 `--profile DIR` then traces two more iterations with `jax.profiler` (a Perfetto trace under DIR),
 writes the optimized HLO of both programs there (`update.hlo.txt`, `rollout.hlo.txt`) and prints
