@@ -9,8 +9,10 @@
 `evaluate`: the same sampling and reference / reward-model forwards for held-out prompts, without
             the critic; one batch of any size (its own program, compiled once).
 `update`:   scores -> (missing-EOS penalty, clip, running normalisation) -> shape_rewards
-            -> gae -> whiten -> ppo_update -> KL controller; an update whose loss, gradients or
-            parameters are not finite is dropped inside the program (the state stays as it was).
+            -> gae -> whiten -> ppo_update -> KL controller. An optimiser step whose loss or
+            gradients are not finite is skipped inside the program (`ppo_update`); an iteration
+            with any skipped step leaves the KL controller and reward statistics as they were
+            and reports `nonfinite` = 1 (the trainer logs it and stops after a streak).
 
 Keys: the state holds a base key that never changes; iteration `step` uses
 `fold_in(base, step)`, split once into the sampling key and the permutation key, so a resumed
@@ -234,10 +236,12 @@ class PPOPrograms:
         new_state = state.replace(policy=params[0], critic=params[1], policy_opt=opts[0],
                                   critic_opt=opts[1], kl=new_kl, reward_moments=moments,
                                   step=state.step + 1)
-        finite = _all_finite((upd["loss/policy_avg"], upd["loss/value_avg"], params))
-        # a non-finite update is dropped whole; only the step counter moves on
-        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        kept = kept.replace(step=state.step + 1)
+        # Skipped optimiser steps left the weights and Adam moments alone (no copy of them is kept to
+        # restore). The small state follows the whole iteration: kept only when every step counted.
+        finite = (upd["nonfinite_steps"] == 0) & _all_finite((upd["loss/policy_avg"], upd["loss/value_avg"]))
+        small = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             (new_kl, moments), (state.kl, state.reward_moments))
+        kept = new_state.replace(kl=small[0], reward_moments=small[1])
 
         count = state.step * self.updates_per_iteration
         metrics = {

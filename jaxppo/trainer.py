@@ -533,7 +533,9 @@ class PPOTrainer:
                 if nonfinite or done % c.train.log_every == 0 or done == c.train.total_steps:
                     self.logger.log_metrics(metrics, step=done, split="train")
                 if nonfinite:
-                    self._log(f"warning: step {done}: non-finite loss or gradients; update skipped "
+                    n_opt = c.ppo.epochs * c.ppo.num_minibatches
+                    self._log(f"warning: step {done}: non-finite loss or gradients; "
+                              f"{metrics['nonfinite_steps']:.0f} of {n_opt} optimizer steps skipped "
                               f"({self._nonfinite_streak} in a row, limit {c.train.max_nonfinite_steps})")
                     if self._nonfinite_streak >= c.train.max_nonfinite_steps:
                         raise NonFiniteError(f"{self._nonfinite_streak} consecutive non-finite updates at step {done}; "
@@ -554,7 +556,8 @@ class PPOTrainer:
                 es_value = self._early_stopping_value(metrics, eval_metrics, done)
                 if es_value is not None and self.check_early_stopping(es_value):
                     stop_reason = self.early_stopping_state["reason"]
-                if c.train.save_every and done % c.train.save_every == 0 and done < c.train.total_steps:
+                # a step that skipped optimizer steps is not saved: the last good checkpoint stays the latest
+                if c.train.save_every and done % c.train.save_every == 0 and done < c.train.total_steps and not nonfinite:
                     self._save_checkpoint(iterator, {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
                 if stop_reason or self._stop_signal is not None:
                     break

@@ -7,6 +7,7 @@ rollout batch (Schulman et al. 2017, as in TRL's PPOTrainer):
         for minibatch (B / M rows):
             g = sum over micro-batches of  d/dθ [ Σ pg_tok + vf_coef Σ vf_tok - ent_coef Σ ent_tok ] / N
             θ <- optax step(g)                    # N = valid tokens in the whole minibatch
+                                                  # (skipped if the loss or g is not finite)
 
 Dividing the micro-batch token sums by the minibatch's token count N makes gradient accumulation
 exact: the summed gradient equals the gradient of the big minibatch's token mean, whatever the
@@ -138,14 +139,25 @@ def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: Upda
             (grads, sums), _ = accumulate(zeros, jax.tree.map(lambda x: x[0], micro_batches))
         else:
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
-        new_params, new_opts = [], []
-        for p, g, o, tx in zip(params, grads, opt_states, txs):
-            updates, o = tx.update(g, o, p, **extra)
-            new_params.append(optax.apply_updates(p, updates))
-            new_opts.append(o)
-        sums["grad_norm_policy"] = global_norm(grads[0])
-        sums["grad_norm_critic"] = global_norm(grads[1])
-        return (tuple(new_params), tuple(new_opts)), sums
+        norms = [global_norm(g) for g in grads]
+        finite = jnp.all(jnp.isfinite(jnp.stack([*norms, sums["pg_loss"], sums["vf_loss"]])))
+
+        def apply(operands):
+            params, opt_states, grads = operands
+            new_params, new_opts = [], []
+            for p, g, o, tx in zip(params, grads, opt_states, txs):
+                updates, o = tx.update(g, o, p, **extra)
+                new_params.append(optax.apply_updates(p, updates))
+                new_opts.append(o)
+            return tuple(new_params), tuple(new_opts)
+
+        # A step with a non-finite loss or gradient leaves both models and their optimiser states
+        # as they were. Deciding before the step (rather than restoring afterwards) lets XLA update
+        # every weight and moment in place: no second copy of the training state is kept.
+        carry = jax.lax.cond(finite, apply, lambda ops: ops[:2], (tuple(params), tuple(opt_states), grads))
+        sums["grad_norm_policy"], sums["grad_norm_critic"] = norms
+        sums["skipped"] = 1.0 - finite.astype(jnp.float32)
+        return carry, sums
 
     def epoch_step(carry, epoch_key):
         perm = jax.random.permutation(epoch_key, B).reshape(M, mb_size)   # [M, B/M]
@@ -153,7 +165,7 @@ def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: Upda
 
     (params, opt_states), sums = jax.lax.scan(
         epoch_step, (tuple(params), tuple(opt_states)), jax.random.split(key, s.epochs))
-    # sums: each leaf [epochs, M]
+    # sums: each leaf [epochs, M]; a skipped step's sums are non-finite and make the means so too
     n = jnp.maximum(sums["tokens"].sum(), 1.0)
     mean = {k: sums[k].sum() / n for k in ("pg_loss", "pg_clipfrac", "approxkl", "ratio", "vf_loss",
                                            "vf_clipfrac", "entropy")}
@@ -167,5 +179,6 @@ def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: Upda
         "val/ratio": mean["ratio"],
         "policy/grad_norm": sums["grad_norm_policy"].mean(),
         "val/grad_norm": sums["grad_norm_critic"].mean(),
+        "nonfinite_steps": sums["skipped"].sum(),
     }
     return params, opt_states, metrics

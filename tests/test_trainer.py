@@ -203,6 +203,20 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
     assert [r["nonfinite"] for r in rows] == [1.0, 1.0]
 
 
+def test_a_diverging_run_stops_without_saving_its_bad_steps(tmp_path):
+    """lr=1e38: the first optimizer step of step 1 applies (finite gradients), the model's outputs
+    then overflow and the remaining steps are skipped; no checkpoint is written for a step that
+    skipped any, so the run stops after the streak with only the checkpoint before it."""
+    trainer = PPOTrainer(make(tmp_path, "train.total_steps=6", "train.max_nonfinite_steps=2",
+                              "train.save_every=1", "optim.lr=1e38", "optim.schedule=constant"))
+    with pytest.raises(NonFiniteError, match="2 consecutive non-finite updates at step 2"):
+        trainer.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl", split="train")
+    assert [r["nonfinite"] for r in rows] == [1.0, 1.0]
+    assert [r["nonfinite_steps"] for r in rows] == [3.0, 4.0]          # 4 optimizer steps per step
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_reward_function_failures(tmp_path):
     def nan_reward(prompts, responses):
         return [float("nan")] + [0.5] * (len(responses) - 1)

@@ -144,3 +144,31 @@ def test_global_norm_equals_optax_tree_norm():
     tree = {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5)), "b": jnp.arange(4.0),
             "s": jnp.float32(2.0), "h": jax.random.normal(jax.random.PRNGKey(1), (6, 1))}
     np.testing.assert_allclose(global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
+
+
+def test_a_non_finite_step_is_skipped_and_the_others_apply():
+    """One row's advantage is nan: the minibatch holding it skips its optimiser step (weights and
+    optimiser state untouched) and the other minibatch's step applies as if it were alone."""
+    batch = make_batch(4)
+    batch = batch.replace(advantages=batch.advantages.at[0, 0].set(jnp.nan))
+    s = UpdateSettings(epochs=1, num_minibatches=2, temperature=0.7)
+    graphs, params, _ = setup()
+    txs = (optax.adam(1e-3), optax.adam(1e-3))
+    opts = tuple(tx.init(p) for tx, p in zip(txs, params))
+    key = jax.random.PRNGKey(0)
+    new_params, new_opts, m = jax.jit(lambda p, o, b: ppo_update(graphs, p, o, b, key, txs, s))(params, opts, batch)
+    assert float(m["nonfinite_steps"]) == 1.0
+    assert [int(o[0].count) for o in new_opts] == [1, 1]      # Adam counted one step per model, not two
+    assert not np.isfinite(float(m["loss/policy_avg"]))       # the skipped step's loss shows in the means
+
+    perm = np.asarray(jax.random.permutation(jax.random.split(key, 1)[0], B)).reshape(2, B // 2)
+    clean = perm[1] if 0 in perm[0] else perm[0]
+    alone = jax.tree.map(lambda x: x[np.sort(clean)], batch)
+    one = dataclasses.replace(s, num_minibatches=1)
+    ref_params, _, _ = jax.jit(lambda p, o, b: ppo_update(graphs, p, o, b, key, txs, one))(params, opts, alone)
+    for a, b, p0 in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+        assert np.all(np.isfinite(np.asarray(a)))
+        # Adam moves each weight by ~1e-3 per step; summation order differs between the two runs
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(p0))
+               for a, p0 in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
