@@ -329,7 +329,7 @@ class TrainConfig(_Section):
         "meanwhile); early stopping on an eval/ metric always waits for it")
     eval_batch_size: int | None = _field(None,
         "prompts per evaluation batch; null = all eval prompts at once, up to 4 x batch_size", ge=1)
-    max_nonfinite_steps: int = _field(3, "stop after this many consecutive skipped non-finite updates", ge=1)
+    max_nonfinite_steps: int = _field(3, "stop after this many consecutive steps that skipped an optimizer step (non-finite loss or gradients)", ge=1)
     log_every: int = _field(1, "write metrics every N iterations", ge=1)
     num_samples_logged: int = _field(4, "generations written to samples.jsonl at each evaluation", ge=0)
     mesh_data: int = _field(1, "devices on the data-parallel mesh axis (-1 = all left over)", ge=-1)

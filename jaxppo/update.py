@@ -165,7 +165,7 @@ def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: Upda
 
     (params, opt_states), sums = jax.lax.scan(
         epoch_step, (tuple(params), tuple(opt_states)), jax.random.split(key, s.epochs))
-    # sums: each leaf [epochs, M]; a skipped step's sums are non-finite and make the means so too
+    # sums: each leaf [epochs, M]; a step skipped for a non-finite loss makes these means non-finite too
     n = jnp.maximum(sums["tokens"].sum(), 1.0)
     mean = {k: sums[k].sum() / n for k in ("pg_loss", "pg_clipfrac", "approxkl", "ratio", "vf_loss",
                                            "vf_clipfrac", "entropy")}
