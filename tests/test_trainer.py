@@ -206,7 +206,7 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
 def test_a_diverging_run_stops_without_saving_its_bad_steps(tmp_path):
     """lr=1e38: the first optimizer step of step 1 applies (finite gradients), the model's outputs
     then overflow and the remaining steps are skipped; no checkpoint is written for a step that
-    skipped any, so the run stops after the streak with only the checkpoint before it."""
+    skipped any, so none exists when the run stops after the streak."""
     trainer = PPOTrainer(make(tmp_path, "train.total_steps=6", "train.max_nonfinite_steps=2",
                               "train.save_every=1", "optim.lr=1e38", "optim.schedule=constant"))
     with pytest.raises(NonFiniteError, match="2 consecutive non-finite updates at step 2"):
