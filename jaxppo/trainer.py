@@ -533,9 +533,9 @@ class PPOTrainer:
                 if nonfinite or done % c.train.log_every == 0 or done == c.train.total_steps:
                     self.logger.log_metrics(metrics, step=done, split="train")
                 if nonfinite:
-                    n_opt = c.ppo.epochs * c.ppo.num_minibatches
                     self._log(f"warning: step {done}: non-finite loss or gradients; "
-                              f"{metrics['nonfinite_steps']:.0f} of {n_opt} optimizer steps skipped "
+                              f"{metrics['nonfinite_steps']:.0f} of {self.programs.updates_per_iteration} "
+                              f"optimizer steps skipped "
                               f"({self._nonfinite_streak} in a row, limit {c.train.max_nonfinite_steps})")
                     if self._nonfinite_streak >= c.train.max_nonfinite_steps:
                         raise NonFiniteError(f"{self._nonfinite_streak} consecutive non-finite updates at step {done}; "
