@@ -36,6 +36,7 @@ from jaxppo.logger import TrainingLogger
 from jaxppo.models import hf
 from jaxppo.optim import make_optimizer
 from jaxppo.rollout import SamplingParams
+from jaxppo.runtime import enable_compilation_cache, use_deterministic_ops
 from jaxppo.sharding import make_mesh, replicated, shard_batch, shard_tree, tree_shardings
 from jaxppo.step import Frozen, PPOPrograms, StepSettings, init_train_state
 from jaxppo.update import UpdateSettings
@@ -47,21 +48,6 @@ class NonFiniteError(JaxppoError):
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same keys at every eval
-
-
-def enable_compilation_cache(path: str | None = None) -> str | None:
-    """Persist compiled XLA programs across processes (a rerun or resume skips most compile time).
-
-    `JAXPPO_COMPILATION_CACHE=0` turns it off; another value is the folder to use.
-    """
-    env = os.environ.get("JAXPPO_COMPILATION_CACHE")
-    if env == "0":
-        return None
-    path = path or env or str(Path(os.environ.get("JAXPPO_CACHE", Path.home() / ".cache" / "jaxppo")) / "xla")
-    if jax.config.jax_compilation_cache_dir != path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    return path
 
 
 def tiny_model_dir(arch: str, seed: int = 0, reward_model: bool = False) -> str:
@@ -94,6 +80,8 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig | None = None, resume_from_checkpoint: str | None = None, *,
                  reward_functions: Sequence[Callable] | None = None):
         self.config = config = config or PPOConfig()
+        if config.train.deterministic:
+            use_deterministic_ops()           # before anything starts JAX's backends
         if os.environ.get("JAXPPO_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
             jax.distributed.initialize()      # coordinator/process ids from the environment (SLURM, TPU, ...)
         enable_compilation_cache()

@@ -1,0 +1,64 @@
+"""train.deterministic: XLA:GPU's deterministic ops are asked for before JAX starts, or the run
+refuses to start with a one-line error (XLA reads its flags only once per process)."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from jaxppo.config import load_config
+from jaxppo.errors import ConfigError
+from jaxppo.runtime import DETERMINISTIC_FLAG, _flag_value, use_deterministic_ops
+from jaxppo.train import main
+from jaxppo.trainer import PPOTrainer
+
+
+@pytest.mark.parametrize("flags, value", [
+    ("", None), ("--xla_force_host_platform_device_count=2", None),
+    (f"{DETERMINISTIC_FLAG}", True), (f"{DETERMINISTIC_FLAG}=true", True), (f"{DETERMINISTIC_FLAG}=1", True),
+    (f"--a=1 {DETERMINISTIC_FLAG}=false", False), (f"{DETERMINISTIC_FLAG}=0", False),
+    (f"{DETERMINISTIC_FLAG}=true {DETERMINISTIC_FLAG}=false", False),      # the last one wins, as in XLA
+    (f"{DETERMINISTIC_FLAG}_extra=true", None),
+])
+def test_flag_value(flags, value):
+    assert _flag_value(flags, DETERMINISTIC_FLAG) is value
+
+
+def test_a_fresh_process_gets_the_flag_next_to_its_own():
+    code = ("import os, jax; from jaxppo.runtime import use_deterministic_ops; use_deterministic_ops(); "
+            "print(jax.device_count(), os.environ['XLA_FLAGS'])")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    # XLA accepted the combined flags (an unknown one aborts the process); the user's come first
+    count, *flags = out.stdout.split()
+    assert count == "2" and flags[0] == "--xla_force_host_platform_device_count=2"
+    assert flags[-1] == f"{DETERMINISTIC_FLAG}=true"
+
+
+def test_too_late_or_contradicted_is_a_config_error(monkeypatch):
+    jnp.zeros(1).block_until_ready()                              # this process's backends have started
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with pytest.raises(ConfigError, match=f"already started.*XLA_FLAGS={DETERMINISTIC_FLAG}=true") as e:
+        use_deterministic_ops()
+    assert e.value.keys == ("train.deterministic",) and "\n" not in str(e.value)
+    assert "XLA_FLAGS" not in os.environ                          # nothing half-set
+    monkeypatch.setenv("XLA_FLAGS", f"{DETERMINISTIC_FLAG}=false")
+    with pytest.raises(ConfigError, match="sets --xla_gpu_deterministic_ops=false"):
+        use_deterministic_ops()
+    monkeypatch.setenv("XLA_FLAGS", f"{DETERMINISTIC_FLAG}=true")  # set by the user before start: fine
+    use_deterministic_ops()
+    assert os.environ["XLA_FLAGS"] == f"{DETERMINISTIC_FLAG}=true"
+
+
+def test_the_trainer_and_the_cli_ask_for_it_before_loading_anything(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="train.deterministic=true needs XLA flags"):
+        PPOTrainer(load_config(None, [f"train.output_dir={out}", "train.deterministic=true"]))
+    assert main([f"train.output_dir={out}", "train.deterministic=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.deterministic=true needs XLA flags") and err.count("\n") == 1
+    assert not out.exists()
