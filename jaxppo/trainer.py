@@ -425,9 +425,43 @@ class PPOTrainer:
         return previous
 
     def train(self, train_dataset=None, eval_dataset=None) -> dict:
+        """Run from the current step to train.total_steps, early stopping or a signal (SIGINT/SIGTERM:
+        checkpoint and return); evaluate, checkpoint, export and plot at the end. Returns the summary."""
         c = self.config
         # bad input (prompts, context length, resume target, run dir) fails here, before the run
         # directory is touched and before anything is compiled
+        run = self._prepare_data(train_dataset, eval_dataset)
+        start = self._open_run(run)
+        previous_handlers = self._install_signal_handlers()
+        bar = _progress(c, start)
+        run.t_start = time.perf_counter()
+        if run.eval_prompts:   # compile the evaluation program now, not in the middle of the run
+            jax.block_until_ready(self._eval_dispatch(run.eval_prompts, self.state.policy))
+        try:
+            for step in range(start, c.train.total_steps):
+                metrics = self._train_step(run, step)
+                self._record(run, step + 1, metrics, bar)
+                if self._after_step(run, step + 1, metrics) or self._stop_signal is not None:
+                    break
+            if run.eval_job is not None:          # stopped early: the last evaluation is still logged
+                run.eval_metrics, run.eval_job = self._eval_join(run.eval_job, run.eval_prompts), None
+        except BaseException:
+            # the last complete checkpoint stays intact; finish pending writes and close the files
+            if run.eval_job is not None:
+                run.eval_job.abandon()
+            self.checkpointer.close()
+            self.logger.close()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+        return self._finish(run)
+
+    def _prepare_data(self, train_dataset, eval_dataset) -> _Run:
+        """Datasets, token ids padded to one prompt length, and the context-length check."""
+        c = self.config
         train_ds, eval_ds = self._datasets(train_dataset, eval_dataset)
         if len(train_ds) == 0:
             from jaxppo.errors import DataError
@@ -448,7 +482,12 @@ class PPOTrainer:
                               f"= {prompt_len + c.rollout.max_new_tokens} tokens exceed the context of "
                               f"{self.policy_path} (max_position_embeddings={max_ctx})",
                               keys=("rollout.max_new_tokens", "data.max_prompt_length"))
-        resume = self.resume_from
+        iterator = PromptIterator(len(train_prompts), c.train.batch_size, c.train.seed, shuffle=c.data.shuffle)
+        return _Run(train_prompts, eval_prompts, train_ids, train_mask, iterator)
+
+    def _open_run(self, run: _Run) -> int:
+        """Run directory, checkpointer (restoring a resumed run), logger and config.yaml -> first step."""
+        c, resume = self.config, self.resume_from
         if resume is not None:   # a missing checkpoint is reported before the run dir is written to
             find_checkpoint_dir(self.run_dir / "checkpoints" if resume == "latest" else resume)
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -462,12 +501,11 @@ class PPOTrainer:
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=c.train.keep_checkpoints,
                                          best_metric=c.early_stopping.metric, best_mode=c.early_stopping.mode)
-        iterator = PromptIterator(len(train_prompts), c.train.batch_size, c.train.seed, shuffle=c.data.shuffle)
         start = 0
         try:
             # restore (and refuse a checkpoint of another model) before config.yaml and the logs are written
             if resume is not None:
-                start = self._load_checkpoint(None if resume == "latest" else resume, iterator)
+                start = self._load_checkpoint(None if resume == "latest" else resume, run.iterator)
             self.logger = TrainingLogger(self.run_dir, tensorboard=c.logging.tensorboard, wandb=c.logging.wandb,
                                          wandb_project=c.logging.wandb_project, wandb_mode=c.logging.wandb_mode,
                                          config=_config_dict(c))
@@ -479,104 +517,91 @@ class PPOTrainer:
             self.logger.truncate_after(start)
             self._log(f"resumed from step {start}")
         self._log(f"policy {self.policy_path} ({_count(self.state.policy) / 1e6:.2f}M params), "
-                  f"critic {_count(self.state.critic) / 1e6:.2f}M; {len(train_prompts)} train / "
-                  f"{len(eval_prompts)} eval prompts, prompt length {prompt_len}; run dir {self.run_dir}")
+                  f"critic {_count(self.state.critic) / 1e6:.2f}M; {len(run.train_prompts)} train / "
+                  f"{len(run.eval_prompts)} eval prompts, prompt length {self._prompt_len}; run dir {self.run_dir}")
+        return start
 
-        previous_handlers = self._install_signal_handlers()
-        bar = _progress(c, start)
-        first_scores = None
-        t_start = time.perf_counter()
-        last_metrics: dict = {}
-        eval_metrics: dict = {}
-        stop_reason = None
-        if eval_prompts:   # compile the evaluation program now, not in the middle of the run
-            jax.block_until_ready(self._eval_dispatch(eval_prompts, self.state.policy))
-        # an evaluation overlaps the next step unless early stopping must see its result at once
-        async_eval = c.train.async_eval and not str(c.early_stopping.metric or "").startswith("eval/")
-        eval_job = None
-        try:
-            for step in range(start, c.train.total_steps):
-                t0 = time.perf_counter()
-                idx = next(iterator)
-                exp = self.programs.rollout(self.state, self.frozen, shard_batch(train_ids[idx], self.mesh),
-                                            shard_batch(train_mask[idx], self.mesh), self.programs.sample_key(self.state))
-                fn_scores = self._function_scores([train_prompts[i] for i in idx], exp)
-                jax.block_until_ready(exp.tokens)
-                t1 = time.perf_counter()
-                self.state, metrics = self.programs.update(self.state, exp, shard_batch(fn_scores, self.mesh))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one sync
-                t2 = time.perf_counter()
-                del exp
-                gen_tokens = c.train.batch_size * c.rollout.max_new_tokens
-                metrics.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/iteration": t2 - t0,
-                                "tokens_per_sec": gen_tokens / (t2 - t0), "episodes": float((step + 1) * c.train.batch_size)})
-                done = step + 1
-                nonfinite = metrics["nonfinite"] > 0
-                self._nonfinite_streak = self._nonfinite_streak + 1 if nonfinite else 0
-                metrics["nonfinite_streak"] = float(self._nonfinite_streak)
-                if first_scores is None:
-                    first_scores = metrics["objective/scores"]
-                last_metrics = metrics
-                self.history.append({"step": done, **metrics})
-                if nonfinite or done % c.train.log_every == 0 or done == c.train.total_steps:
-                    self.logger.log_metrics(metrics, step=done, split="train")
-                if nonfinite:
-                    self._log(f"warning: step {done}: non-finite loss or gradients; "
-                              f"{metrics['nonfinite_steps']:.0f} of {self.programs.updates_per_iteration} "
-                              f"optimizer steps skipped "
-                              f"({self._nonfinite_streak} in a row, limit {c.train.max_nonfinite_steps})")
-                    if self._nonfinite_streak >= c.train.max_nonfinite_steps:
-                        raise NonFiniteError(f"{self._nonfinite_streak} consecutive non-finite updates at step {done}; "
-                                             f"stopping with the last good checkpoint intact in {self.run_dir / 'checkpoints'}")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+    def _train_step(self, run: _Run, step: int) -> dict:
+        """One PPO iteration (rollout, reward functions, update) -> its metrics as floats."""
+        c = self.config
+        t0 = time.perf_counter()
+        idx = next(run.iterator)
+        exp = self.programs.rollout(self.state, self.frozen, shard_batch(run.train_ids[idx], self.mesh),
+                                    shard_batch(run.train_mask[idx], self.mesh), self.programs.sample_key(self.state))
+        fn_scores = self._function_scores([run.train_prompts[i] for i in idx], exp)
+        jax.block_until_ready(exp.tokens)
+        t1 = time.perf_counter()
+        self.state, metrics = self.programs.update(self.state, exp, shard_batch(fn_scores, self.mesh))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one sync
+        t2 = time.perf_counter()
+        gen_tokens = c.train.batch_size * c.rollout.max_new_tokens
+        metrics.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/iteration": t2 - t0,
+                        "tokens_per_sec": gen_tokens / (t2 - t0), "episodes": float((step + 1) * c.train.batch_size)})
+        return metrics
 
-                es_value = None
-                if eval_job is not None:          # the evaluation started one step ago
-                    eval_metrics, eval_job = self._eval_join(eval_job, eval_prompts), None
-                if c.train.eval_every and done % c.train.eval_every == 0 and eval_prompts and done < c.train.total_steps:
-                    if async_eval:
-                        eval_job = self._eval_start(eval_prompts, done)
-                    else:
-                        eval_metrics = self.evaluate(eval_prompts, step=done)
-                        self._log(_fmt("eval", done, eval_metrics))
-                es_value = self._early_stopping_value(metrics, eval_metrics, done)
-                if es_value is not None and self.check_early_stopping(es_value):
-                    stop_reason = self.early_stopping_state["reason"]
-                # a step that skipped optimizer steps is not saved: the last good checkpoint stays the latest
-                if c.train.save_every and done % c.train.save_every == 0 and done < c.train.total_steps and not nonfinite:
-                    self._save_checkpoint(iterator, {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
-                if stop_reason or self._stop_signal is not None:
-                    break
-            if eval_job is not None:              # stopped early: the last evaluation is still logged
-                eval_metrics, eval_job = self._eval_join(eval_job, eval_prompts), None
-        except BaseException:
-            # the last complete checkpoint stays intact; finish pending writes and close the files
-            if eval_job is not None:
-                eval_job.abandon()
-            self.checkpointer.close()
-            self.logger.close()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            for sig, h in previous_handlers.items():
-                signal.signal(sig, h)
+    def _record(self, run: _Run, done: int, metrics: dict, bar) -> None:
+        """History, metrics log, progress bar, and the non-finite streak (NonFiniteError at its limit)."""
+        c = self.config
+        nonfinite = metrics["nonfinite"] > 0
+        self._nonfinite_streak = self._nonfinite_streak + 1 if nonfinite else 0
+        metrics["nonfinite_streak"] = float(self._nonfinite_streak)
+        if run.first_scores is None:
+            run.first_scores = metrics["objective/scores"]
+        run.last_metrics = metrics
+        self.history.append({"step": done, **metrics})
+        if nonfinite or done % c.train.log_every == 0 or done == c.train.total_steps:
+            self.logger.log_metrics(metrics, step=done, split="train")
+        if nonfinite:
+            self._log(f"warning: step {done}: non-finite loss or gradients; "
+                      f"{metrics['nonfinite_steps']:.0f} of {self.programs.updates_per_iteration} "
+                      f"optimizer steps skipped "
+                      f"({self._nonfinite_streak} in a row, limit {c.train.max_nonfinite_steps})")
+            if self._nonfinite_streak >= c.train.max_nonfinite_steps:
+                raise NonFiniteError(f"{self._nonfinite_streak} consecutive non-finite updates at step {done}; "
+                                     f"stopping with the last good checkpoint intact in {self.run_dir / 'checkpoints'}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+
+    def _after_step(self, run: _Run, done: int, metrics: dict) -> bool:
+        """Evaluation (joined one step later when it runs in the background), early stopping and
+        periodic checkpoints. True when early stopping ends the run."""
+        c = self.config
+        if run.eval_job is not None:          # the evaluation started one step ago
+            run.eval_metrics, run.eval_job = self._eval_join(run.eval_job, run.eval_prompts), None
+        if c.train.eval_every and done % c.train.eval_every == 0 and run.eval_prompts and done < c.train.total_steps:
+            # an evaluation overlaps the next step unless early stopping must see its result at once
+            if c.train.async_eval and not str(c.early_stopping.metric or "").startswith("eval/"):
+                run.eval_job = self._eval_start(run.eval_prompts, done)
+            else:
+                run.eval_metrics = self.evaluate(run.eval_prompts, step=done)
+                self._log(_fmt("eval", done, run.eval_metrics))
+        es_value = self._early_stopping_value(metrics, run.eval_metrics, done)
+        if es_value is not None and self.check_early_stopping(es_value):
+            run.stop_reason = self.early_stopping_state["reason"]
+        # a step that skipped optimizer steps is not saved: the last good checkpoint stays the latest
+        if c.train.save_every and done % c.train.save_every == 0 and done < c.train.total_steps \
+                and not metrics["nonfinite"] > 0:
+            self._save_checkpoint(run.iterator, {**metrics, **{f"eval/{k}": v for k, v in run.eval_metrics.items()}})
+        return run.stop_reason is not None
+
+    def _finish(self, run: _Run) -> dict:
+        """After the loop: a signal saves a checkpoint and returns; otherwise the final evaluation,
+        checkpoint, exported model, plots and the summary."""
         if self._stop_signal is not None:
-            stop_reason = f"received signal {signal.Signals(self._stop_signal).name}"
-            self._save_checkpoint(iterator, None, force=True)
+            run.stop_reason = f"received signal {signal.Signals(self._stop_signal).name}"
+            self._save_checkpoint(run.iterator, None, force=True)
             self.checkpointer.wait()
-            self._log(f"{stop_reason}: saved checkpoint at step {int(self.state.step)}; resume with --resume")
+            self._log(f"{run.stop_reason}: saved checkpoint at step {int(self.state.step)}; resume with --resume")
             self.logger.close()
-            return {"stopped": stop_reason, "step": int(self.state.step)}
-        if stop_reason:
-            self._log(stop_reason)
-
-        if eval_prompts:
-            eval_metrics = self.evaluate(eval_prompts, step=int(self.state.step))
-            self._log(_fmt("eval", int(self.state.step), eval_metrics))
-        self._save_checkpoint(iterator, {**last_metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}}, force=True)
+            return {"stopped": run.stop_reason, "step": int(self.state.step)}
+        if run.stop_reason:
+            self._log(run.stop_reason)
+        if run.eval_prompts:
+            run.eval_metrics = self.evaluate(run.eval_prompts, step=int(self.state.step))
+            self._log(_fmt("eval", int(self.state.step), run.eval_metrics))
+        self._save_checkpoint(run.iterator, {**run.last_metrics, **{f"eval/{k}": v for k, v in run.eval_metrics.items()}},
+                              force=True)
         self.checkpointer.wait()
         self.export(self.run_dir / "final_model")
         try:
@@ -586,12 +611,12 @@ class PPOTrainer:
             self._log(f"warning: plotting failed: {type(e).__name__}: {e}")
         summary = {
             "steps": int(self.state.step),
-            "first/objective/scores": first_scores,
-            "last/objective/scores": last_metrics.get("objective/scores"),
-            "last/objective/kl": last_metrics.get("objective/kl"),
-            "eval": eval_metrics,
-            "stopped": stop_reason,
-            "wall_sec": time.perf_counter() - t_start,
+            "first/objective/scores": run.first_scores,
+            "last/objective/scores": run.last_metrics.get("objective/scores"),
+            "last/objective/kl": run.last_metrics.get("objective/kl"),
+            "eval": run.eval_metrics,
+            "stopped": run.stop_reason,
+            "wall_sec": time.perf_counter() - run.t_start,
             "run_dir": str(self.run_dir),
         }
         self._log("summary: " + json.dumps(summary, default=str))
@@ -653,6 +678,22 @@ def _progress(cfg, start):
 
 
 _copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one `train` call carries from step to step."""
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    train_ids: np.ndarray          # [N, P] left-padded to the run's prompt length
+    train_mask: np.ndarray
+    iterator: PromptIterator       # batches of prompt indices; its position is checkpointed
+    first_scores: float | None = None
+    last_metrics: dict = dataclasses.field(default_factory=dict)
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+    stop_reason: str | None = None
+    eval_job: _EvalJob | None = None
+    t_start: float = 0.0
 
 
 class _EvalJob:
