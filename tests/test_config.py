@@ -45,7 +45,7 @@ def test_overrides_merge_into_the_read_only_nodes_of_frozen_sections():
     load_config clears the flag on every mapping of the schema, the null optional sections too."""
     from omegaconf import DictConfig, OmegaConf
 
-    from jaxppo.config import _writable
+    from jaxppo.config.loading import _writable
 
     def read_only(node, path=""):
         found = [path] if node._get_flag("readonly") else []

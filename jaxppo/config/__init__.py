@@ -1,0 +1,45 @@
+"""Configuration: frozen, keyword-only dataclasses, one per concern; YAML load/save; dotted overrides.
+
+The defaults are the built-in demo (a tiny model on a built-in task), so `PPOConfig()` runs.
+
+    config = load_config("experiments/configs/gpt2.yaml", ["ppo.kl_coef=0.1", "train.total_steps=20"])
+    save_config(config, "runs/x/config.yaml")
+    assert load_config("runs/x/config.yaml") == config
+
+Loading goes through OmegaConf structured configs (merge of defaults <- YAML <- overrides, type
+conversion, `${...}` interpolation); every failure becomes a one-line `ConfigError` that names the
+source (`file:line` or the override), the dotted key, what is allowed and what was given.
+Ranges and choices are declared next to each field (`_field(..., ge=0)`) and checked in
+`__post_init__`, so a config built in Python is validated exactly like one read from YAML.
+
+`fields.py` holds that machinery, `sections.py` the dataclasses, `loading.py` YAML and overrides.
+"""
+
+from jaxppo.config.loading import (
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+    save_config,
+)
+from jaxppo.config.sections import (
+    AdaptiveKLConfig,
+    DataConfig,
+    EarlyStoppingConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    PlateauConfig,
+    PPOConfig,
+    PPOSectionConfig,
+    RewardConfig,
+    RolloutConfig,
+    TrainConfig,
+    check_devices,
+    describe_fields,
+)
+
+__all__ = [
+    "ModelConfig", "DataConfig", "RewardConfig", "RolloutConfig", "AdaptiveKLConfig", "PPOSectionConfig",
+    "PlateauConfig", "OptimConfig", "TrainConfig", "EarlyStoppingConfig", "LoggingConfig", "PPOConfig",
+    "load_config", "save_config", "config_to_dict", "config_to_yaml", "describe_fields", "check_devices",
+]
