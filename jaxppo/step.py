@@ -30,12 +30,11 @@ from flax import nnx, struct
 
 from jaxppo import rewards as rw
 from jaxppo.gae import gae
-from jaxppo.losses import logprobs_from_logits
 from jaxppo.masked import masked_mean, masked_whiten
 from jaxppo.models.transformer import last_token_index
 from jaxppo.optim import current_lr
 from jaxppo.rollout import SamplingParams, sample
-from jaxppo.update import PPOBatch, UpdateSettings, ppo_update, response_logits, response_values
+from jaxppo.update import PPOBatch, UpdateSettings, ppo_update, response_logprobs, response_values
 
 
 @struct.dataclass
@@ -143,8 +142,8 @@ class PPOPrograms:
         T = self.s.sampling.temperature or 1.0
 
         def forwards(tokens, attn, response, resp_mask):
-            logits = response_logits(ref, tokens, attn, R).astype(jnp.float32) / T
-            ref_logprobs = logprobs_from_logits(logits, response)
+            ref_logprobs, _ = response_logprobs(ref, tokens, attn, response, T,
+                                                chunk_bytes=self.s.update.logits_chunk_bytes)
             values = None if critic is None else response_values(critic, tokens, attn, R).astype(jnp.float32)
             if rm is None:
                 scores = jnp.zeros(tokens.shape[:1], jnp.float32)

@@ -169,11 +169,12 @@ class PPOTrainer:
         sampling = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                   top_p=rc.top_p, eos_token_ids=self.eos_ids if rc.stop_at_eos else (),
                                   pad_token_id=self.pad_id, stop_at_eos=rc.stop_at_eos)
-        p = c.ppo
+        p, chunk_mb = c.ppo, c.model.logits_chunk_mb
         upd = UpdateSettings(epochs=p.epochs, num_minibatches=p.num_minibatches,
                              grad_accum_steps=c.optim.grad_accum_steps, clip_eps=p.clip_eps,
                              clip_value=p.clip_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
-                             temperature=rc.temperature or 1.0)
+                             temperature=rc.temperature or 1.0,
+                             logits_chunk_bytes=None if chunk_mb is None else chunk_mb * 2**20)
         plateau_metric = c.optim.plateau.metric if c.optim.schedule == "plateau" else None
         settings = StepSettings(
             sampling=sampling, update=upd, gamma=p.gamma, lam=p.lam, kl_estimator=p.kl_estimator,

@@ -243,3 +243,9 @@ def test_plateau_schedule_runs_and_reports_lr(tmp_path):
     # of step k reports the lr that step's update used); it never grows back
     assert lrs[:2] == pytest.approx([1e-3, 5e-4], rel=1e-6)
     assert lrs[2] <= lrs[1]
+
+
+def test_logits_chunk_mb_reaches_the_update_and_the_scoring_forwards(tmp_path):
+    t = PPOTrainer(make(tmp_path, "model.logits_chunk_mb=3"))
+    assert t.programs.s.update.logits_chunk_bytes == 3 * 2**20
+    assert PPOTrainer(make(tmp_path)).programs.s.update.logits_chunk_bytes is None

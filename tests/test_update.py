@@ -172,3 +172,69 @@ def test_a_non_finite_step_is_skipped_and_the_others_apply():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
     assert any(not np.array_equal(np.asarray(a), np.asarray(p0))
                for a, p0 in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
+
+
+def _policy_objective(graph, batch, chunk_bytes, temperature=0.7):
+    """A loss on the response log-probs and entropies: (value, (logprobs, entropy))."""
+    from jaxppo.update import response_logprobs
+
+    def f(params):
+        policy = nnx.merge(graph, params)
+        lp, ent = response_logprobs(policy, batch.tokens, batch.attention_mask, batch.response, temperature,
+                                    entropy=True, chunk_bytes=chunk_bytes)
+        return ((lp * batch.advantages + 0.1 * ent) * batch.mask).sum(), (lp, ent)
+    return f
+
+
+@pytest.mark.parametrize("positions", [1, 4])      # R = 6: six slices; two slices, the last one padded
+def test_logits_in_slices_equal_the_whole_with_their_gradients(positions):
+    batch = make_batch(3)
+    graphs, params, _ = setup()
+    V = nnx.merge(graphs[0], params[0]).config.vocab_size
+    chunk = positions * B * V * 4
+    (v0, (lp0, ent0)), g0 = jax.jit(jax.value_and_grad(_policy_objective(graphs[0], batch, None), has_aux=True))(params[0])
+    f = _policy_objective(graphs[0], batch, chunk)
+    assert "remat" in str(jax.make_jaxpr(jax.grad(lambda p: f(p)[0]))(params[0]))   # really sliced
+    (v1, (lp1, ent1)), g1 = jax.jit(jax.value_and_grad(f, has_aux=True))(params[0])
+    assert lp1.shape == ent1.shape == (B, R)
+    np.testing.assert_allclose(np.asarray(lp1), np.asarray(lp0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ent1), np.asarray(ent0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_an_update_with_sliced_logits_equals_the_whole():
+    batch = make_batch(5)
+    s = UpdateSettings(epochs=2, num_minibatches=2, temperature=0.7, ent_coef=0.01)
+    p0, _, m0 = run_update(s, batch)
+    p1, _, m1 = run_update(dataclasses.replace(s, logits_chunk_bytes=2 * (B // 2) * 97 * 4), batch)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for k in m0:
+        np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_sliced_logits_bound_the_backward_memory():
+    """A vocabulary-heavy shape (8192 tokens, 4 x 64 response positions: 8 MiB of logits): the
+    compiled gradient's scratch with 1 MiB slices is a fraction of the whole computation's."""
+    from jaxppo.models.transformer import Transformer
+
+    from helpers import small_config
+
+    rng = np.random.default_rng(0)
+    model = Transformer(dataclasses.replace(small_config(vocab=8192), hidden_size=16, head_dim=4, num_layers=1),
+                        rngs=nnx.Rngs(0))
+    graph, params = nnx.split(model)
+    b, r = 4, 64
+    tokens = jnp.asarray(rng.integers(4, 8192, (b, 8 + r)), jnp.int32)
+    batch = PPOBatch(tokens=tokens, attention_mask=jnp.ones_like(tokens), response=tokens[:, 8:],
+                     mask=jnp.ones((b, r)), old_logprobs=jnp.zeros((b, r)), old_values=jnp.zeros((b, r)),
+                     advantages=jnp.asarray(rng.normal(size=(b, r)), jnp.float32), returns=jnp.zeros((b, r)))
+    scratch = {}
+    for chunk in (None, 2**20):
+        grad = jax.jit(jax.grad(lambda p, chunk=chunk: _policy_objective(graph, batch, chunk)(p)[0]))
+        scratch[chunk] = grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+    logits = b * r * 8192 * 4
+    assert scratch[None] > 2 * logits, scratch           # the whole logits and their softmax
+    assert scratch[2**20] < scratch[None] / 4, scratch

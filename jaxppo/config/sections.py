@@ -36,6 +36,10 @@ class ModelConfig(_Section):
     ref_dtype: str | None = _field(None,
         "dtype of the frozen reference policy; null = same as dtype", choices=("float32", "bfloat16"))
     remat: bool = _field(False, "rematerialize (gradient-checkpoint) each transformer block to save memory")
+    logits_chunk_mb: int | None = _field(None,
+        "compute the LM head's float32 logits over response slices of at most this many MB, each "
+        "recomputed in the backward (large vocabularies: the [batch, response, vocab] logits never "
+        "exist whole); null = all at once, no recompute", ge=1)
 
     def _validate(self) -> None:
         for name in ("policy", "reward_model"):
