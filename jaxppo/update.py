@@ -82,7 +82,7 @@ def response_logprobs(model, tokens, attention_mask, response, temperature: floa
     h = model.hidden_states(tokens, attention_mask, outputs_at=_response_positions(tokens, R))  # [B, R, H]
 
     def stats(h, tok):
-        logits = model._head(h).astype(jnp.float32) / temperature
+        logits = model.apply_head(h).astype(jnp.float32) / temperature
         return logprobs_from_logits(logits, tok), entropy_from_logits(logits) if entropy else None
 
     size = R if chunk_bytes is None else max(1, min(R, chunk_bytes // (B * model.config.vocab_size * 4)))

@@ -416,8 +416,9 @@ class Transformer(nnx.Module):
             return self.embed.embedding[...].astype(self.dtype).T
         return self.lm_head.kernel[...].astype(self.dtype)
 
-    def _head(self, h, kernel=None):
-        """`[B, S, H]` -> logits `[B, S, V]` or values `[B, S]`, float32 (`kernel`: `head_kernel()`)."""
+    def apply_head(self, h, kernel=None):
+        """Hidden states `[B, S, H]` (from `hidden_states`) -> logits `[B, S, V]` or values `[B, S]`,
+        float32 (`kernel`: `head_kernel()`). `model(x)` is `apply_head(hidden_states(x))`."""
         if kernel is None and self.head != "scalar" and self.lm_head is None:
             w = self.embed.embedding[...].astype(self.dtype)  # tied: logits = h @ E^T, E [V, H] read in place
             return jnp.einsum("bsh,vh->bsv", h, w, preferred_element_type=jnp.float32)
@@ -457,7 +458,7 @@ class Transformer(nnx.Module):
         or an int array `[B, Q]` of per-row positions (e.g. each row's last token) -> `[B, Q, ...]`.
         The head and the last block's queries, output projection and MLP then run for those positions
         only: the LM head over the prompt is the bulk of a large-vocabulary forward."""
-        return self._head(self.hidden_states(input_ids, attention_mask, outputs_at=outputs_at))
+        return self.apply_head(self.hidden_states(input_ids, attention_mask, outputs_at=outputs_at))
 
     # -- incremental decoding -----------------------------------------------------------
 
@@ -493,4 +494,4 @@ class Transformer(nnx.Module):
         k_slot = jnp.arange(s_max, dtype=jnp.int32)  # [S_max]
         mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & (slot_mask > 0)[:, None, :]  # [B, S_new, S_max]
         h, (keys, values) = self._trunk(input_ids, positions, mask, cache, cache_index, _rows(outputs_at, s_new))
-        return self._head(h, head_kernel), KVCache(keys=keys, values=values, mask=slot_mask)
+        return self.apply_head(h, head_kernel), KVCache(keys=keys, values=values, mask=slot_mask)
