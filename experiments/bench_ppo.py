@@ -159,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-6)
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--logits-chunk-mb", type=int, metavar="MB",
+                    help="model.logits_chunk_mb: the LM head over response slices of at most MB of logits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json")
     ap.add_argument("--profile", metavar="DIR",
@@ -180,7 +182,7 @@ def main(argv=None):
     critic = "value" if os.path.isdir(os.path.join(d, "value")) else "reward"  # a second copy of the RM
     cfg = load_config(None, [
         f"model.policy={d}/policy", f"model.reward_model={d}/reward", f"model.critic={d}/{critic}",
-        f"model.dtype={args.dtype}", "reward.task=null",
+        f"model.dtype={args.dtype}", f"model.logits_chunk_mb={args.logits_chunk_mb or 'null'}", "reward.task=null",
         f"rollout.max_new_tokens={args.response_length}", f"rollout.temperature={args.temperature}",
         "rollout.stop_at_eos=false", "rollout.top_k=0", "rollout.top_p=1.0",
         f"ppo.epochs={args.ppo_epochs}", f"ppo.num_minibatches={args.num_mini_batches}",
@@ -282,7 +284,7 @@ def main(argv=None):
         "impl": "jaxppo", "batch": B, "prompt_len": args.prompt_len, "response_length": args.response_length,
         "ppo_epochs": args.ppo_epochs, "num_mini_batches": args.num_mini_batches,
         "optimizer_steps_per_iter": args.ppo_epochs * args.num_mini_batches, "iters": args.iters,
-        "warmup_iters": args.warmup, "dtype": args.dtype,
+        "warmup_iters": args.warmup, "dtype": args.dtype, "logits_chunk_mb": args.logits_chunk_mb,
         "sec_per_iter_median": round(med, 4), "sec_per_iter_min": round(min(times), 4),
         "sec_per_iter_max": round(max(times), 4), "sec_per_iter_all": [round(t, 4) for t in times],
         "tokens_generated_per_sec": round(B * args.response_length / med, 1),

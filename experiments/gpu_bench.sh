@@ -4,6 +4,7 @@
 # bf16, batch 64, 128 prompt + 256 new tokens, 4 epochs x 2 minibatches.
 #
 #     bash experiments/gpu_bench.sh OUT_DIR [ITERS]
+#     LOGITS_CHUNK_MB=256 bash experiments/gpu_bench.sh OUT_DIR   # bench_ppo with model.logits_chunk_mb
 #
 # Writes OUT_DIR/rollout.json (bench_rollout.py: sampling alone) and OUT_DIR/ppo.json
 # (bench_ppo.py: seconds per PPO iteration, phase split, update tokens/s and MFU against a measured
@@ -29,5 +30,6 @@ echo "models ready in $(( $(date +%s) - t0 )) s" | tee "$out/log.txt"
 echo "rollout rc $? at $(( $(date +%s) - t0 )) s: $(cat "$out/rollout.json")" | tee -a "$out/log.txt"
 "$py" "$here/bench_ppo.py" --model-dir "$models" --dtype bfloat16 --batch 64 --prompt-len 128 \
     --response-length 256 --ppo-epochs 4 --num-mini-batches 2 --iters "$iters" --warmup 1 \
+    ${LOGITS_CHUNK_MB:+--logits-chunk-mb "$LOGITS_CHUNK_MB"} \
     > "$out/ppo.json" 2> "$out/ppo.log"
 echo "ppo rc $? at $(( $(date +%s) - t0 )) s: $(cat "$out/ppo.json")" | tee -a "$out/log.txt"

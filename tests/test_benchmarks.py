@@ -38,9 +38,10 @@ def _json_line(capsys) -> dict:
 def test_bench_ppo_runs_on_random_prompts_and_counts_matmul_flops(model_dir, capsys):
     bench = _load("bench_ppo")
     bench.main(["--model-dir", model_dir, "--batch", "4", "--prompt-len", "8", "--response-length", "8",
-                "--ppo-epochs", "1", "--num-mini-batches", "2", "--iters", "2", "--warmup", "1"])
+                "--ppo-epochs", "1", "--num-mini-batches", "2", "--iters", "2", "--warmup", "1",
+                "--logits-chunk-mb", "1"])
     out = _json_line(capsys)
-    assert out["prompts"] == "synthetic" and out["backend"] == "cpu"
+    assert out["prompts"] == "synthetic" and out["backend"] == "cpu" and out["logits_chunk_mb"] == 1
     assert out["minor_page_faults_per_iter_median"] >= 0 and out["sys_cpu_sec_per_iter_median"] >= 0
     assert len(out["sec_per_iter_all"]) == 2 and out["sec_per_iter_median"] > 0
     assert set(out["phase_median_sec"]) == {"rollout", "generate", "scoring_forwards", "update"}
