@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,9 @@ B, P, R, VOCAB = 16, 32, 128, 151936
 
 def models() -> Path:
     from jaxppo.models.tiny import main as tiny
+    from jaxppo.runtime import cache_root
 
-    root = Path(os.environ.get("JAXPPO_CACHE", Path.home() / ".cache" / "jaxppo")) / "bigvocab-qwen2"
+    root = cache_root() / "bigvocab-qwen2"
     shape = ["--arch", "qwen2", "--vocab-size", str(VOCAB), "--hidden-size", "128", "--num-layers", "2",
              "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "256", "--tie"]
     for name, extra in (("policy", []), ("reward", ["--reward-model"])):

@@ -84,8 +84,9 @@ def _current_rss_bytes() -> int | None:
 
 
 def model_dir(vocab_size: int, max_pos: int) -> str:
-    root = os.environ.get("JAXPPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxppo"))
-    return os.path.join(root, f"bench-gpt2-h768-l12-v{vocab_size}-p{max_pos}")
+    from jaxppo.runtime import cache_root
+
+    return str(cache_root() / f"bench-gpt2-h768-l12-v{vocab_size}-p{max_pos}")
 
 
 def ensure_model(vocab_size: int, max_pos: int) -> str:

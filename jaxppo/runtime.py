@@ -18,6 +18,12 @@ from jaxppo.errors import ConfigError
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops"
 
 
+def cache_root() -> Path:
+    """jaxppo's cache folder: tiny demo models, compiled programs, benchmark models.
+    `~/.cache/jaxppo`, or `JAXPPO_CACHE`."""
+    return Path(os.environ.get("JAXPPO_CACHE", Path.home() / ".cache" / "jaxppo"))
+
+
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Persist compiled XLA programs across processes (a rerun or resume skips most compile time).
 
@@ -26,7 +32,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     env = os.environ.get("JAXPPO_COMPILATION_CACHE")
     if env == "0":
         return None
-    path = path or env or str(Path(os.environ.get("JAXPPO_CACHE", Path.home() / ".cache" / "jaxppo")) / "xla")
+    path = path or env or str(cache_root() / "xla")
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

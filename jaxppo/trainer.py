@@ -36,7 +36,7 @@ from jaxppo.logger import TrainingLogger
 from jaxppo.models import hf
 from jaxppo.optim import make_optimizer
 from jaxppo.rollout import SamplingParams
-from jaxppo.runtime import enable_compilation_cache, use_deterministic_ops
+from jaxppo.runtime import cache_root, enable_compilation_cache, use_deterministic_ops
 from jaxppo.sharding import make_mesh, replicated, shard_batch, shard_tree, tree_shardings
 from jaxppo.step import Frozen, PPOPrograms, StepSettings, init_train_state
 from jaxppo.update import UpdateSettings
@@ -54,7 +54,7 @@ def tiny_model_dir(arch: str, seed: int = 0, reward_model: bool = False) -> str:
     """A cached tiny checkpoint (made once per arch/seed; the demo's default policy)."""
     from jaxppo.models.tiny import make_tiny
 
-    root = Path(os.environ.get("JAXPPO_CACHE", Path.home() / ".cache" / "jaxppo"))
+    root = cache_root()
     path = root / f"tiny-{arch}-{'rm' if reward_model else 'lm'}-s{seed}"
     if not (path / "config.json").exists():
         root.mkdir(parents=True, exist_ok=True)
