@@ -63,12 +63,6 @@ def _response_positions(tokens, response_len: int) -> tuple[int, int]:
     return (S - response_len - 1, S - 1)
 
 
-def response_logits(model, tokens, attention_mask, response_len: int):
-    """Logits predicting each response token: positions P-1 .. P+R-2 of the full sequence, the
-    only ones computed by the head and the last block. tokens [B, P+R] -> [B, R, V]"""
-    return model(tokens, attention_mask, outputs_at=_response_positions(tokens, response_len))
-
-
 def response_logprobs(model, tokens, attention_mask, response, temperature: float, *,
                       entropy: bool = False, chunk_bytes: int | None = None):
     """log p(response) under softmax(logits / temperature), and the per-token entropy of that

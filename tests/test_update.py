@@ -91,10 +91,10 @@ def test_first_minibatch_ratio_is_one_and_metrics_average_all_minibatches():
     graphs, params, _ = setup()
     s = UpdateSettings(epochs=2, num_minibatches=2, temperature=0.7)
     # old log-probs from the current policy: the first step's ratio is exactly 1
-    from jaxppo.update import response_logits
     from jaxppo.losses import logprobs_from_logits
     policy = nnx.merge(graphs[0], params[0])
-    lp = logprobs_from_logits(response_logits(policy, batch.tokens, batch.attention_mask, R) / 0.7, batch.response)
+    logits = policy(batch.tokens, batch.attention_mask)[:, -R - 1:-1]    # the positions predicting the response
+    lp = logprobs_from_logits(logits / 0.7, batch.response)
     batch = batch.replace(old_logprobs=lp * batch.mask)
     _, _, m_zero_lr = run_update(s, batch, lr=0.0)
     np.testing.assert_allclose(float(m_zero_lr["val/ratio"]), 1.0, atol=1e-5)
