@@ -6,8 +6,9 @@
     out.mask        # [B, R] 1.0 up to and including the first EOS
 
 The prompt batch is left-padded (`prompt_mask` 0 on the left), so every row's last prompt token
-sits in slot P-1 and all rows decode in lockstep. The cache holds P + R slots, not the model's
-context. Positions come from the mask, so padding never shifts them.
+sits in slot P-1 and all rows decode in lockstep. The cache holds P + R - 1 slots, not the
+model's context: the last sampled token is never fed back. Positions come from the mask, so
+padding never shifts them.
 
 The decode loop is a `lax.while_loop` that stops as soon as every row has emitted EOS (with
 `stop_at_eos`); the unfilled tail of the response is pad with mask 0.
@@ -34,7 +35,7 @@ NEG_INF = -1e30
 class SamplingParams:
     """Static sampling settings (hashable: one compiled program per distinct value)."""
 
-    max_new_tokens: int = 32       # response length R (the cache is P + R)
+    max_new_tokens: int = 32       # response length R (the cache is P + R - 1)
     temperature: float = 0.7       # 0.0 means greedy
     top_k: int = 0                 # 0 = off
     top_p: float = 1.0             # 1.0 = off
@@ -130,7 +131,7 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     prompt_lens = prompt_mask.sum(-1)                                      # [B]
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)       # [B, P]
 
-    cache = model.init_cache(B, P + R)
+    cache = model.init_cache(B, P + R - 1)   # the last sampled token is never fed back: no slot for it
     head = model.head_kernel()         # once, not per step (a tied head's E^T is a transposed copy)
     # prefill: every prompt token's K/V, but the head only where the first token is predicted
     logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P),

@@ -57,10 +57,13 @@ class UpdateSettings:
     logits_chunk_bytes: int | None = None   # head over response slices of this many logits bytes (None: whole)
 
 
-def _response_positions(tokens, response_len: int) -> tuple[int, int]:
-    """Positions P-1 .. P+R-2 of a `[B, P+R]` sequence: those whose output predicts a response token."""
-    S = tokens.shape[1]
-    return (S - response_len - 1, S - 1)
+def _predicting_prefix(tokens, attention_mask, response_len: int):
+    """The `[B, P+R-1]` prefix of a `[B, P+R]` sequence, and its last R positions (P-1 .. P+R-2):
+    those whose outputs predict the response tokens. The last token predicts nothing and, under
+    the causal mask, no earlier position attends to it, so it is not run at all (1/(P+R) of the
+    trunk's work)."""
+    S = tokens.shape[1] - 1
+    return tokens[:, :S], attention_mask[:, :S], (S - response_len, S)
 
 
 def response_logprobs(model, tokens, attention_mask, response, temperature: float, *,
@@ -73,7 +76,8 @@ def response_logprobs(model, tokens, attention_mask, response, temperature: floa
     in the backward pass (`jax.checkpoint`): memory O(B x slice x V) instead of O(B x R x V) (5 GB
     for 32 x 256 tokens of a 152k vocabulary), for one more head matmul in the backward."""
     B, R = response.shape
-    h = model.hidden_states(tokens, attention_mask, outputs_at=_response_positions(tokens, R))  # [B, R, H]
+    tokens, attention_mask, rows = _predicting_prefix(tokens, attention_mask, R)
+    h = model.hidden_states(tokens, attention_mask, outputs_at=rows)  # [B, R, H]
 
     def stats(h, tok):
         logits = model.apply_head(h).astype(jnp.float32) / temperature
@@ -93,7 +97,8 @@ def response_logprobs(model, tokens, attention_mask, response, temperature: floa
 
 def response_values(model, tokens, attention_mask, response_len: int):
     """Critic values for the state before each response token -> [B, R]."""
-    return model(tokens, attention_mask, outputs_at=_response_positions(tokens, response_len))
+    tokens, attention_mask, rows = _predicting_prefix(tokens, attention_mask, response_len)
+    return model(tokens, attention_mask, outputs_at=rows)
 
 
 def _micro_loss(params, graphdefs, mb: PPOBatch, n_tokens, s: UpdateSettings):

@@ -123,3 +123,23 @@ def test_greedy_equals_transformers_generate(name):
                             pad_token_id=int(model.config.pad_token_id), eos_token_ids=model.config.eos_token_ids)
     out = generate(model, ids, mask, jax.random.PRNGKey(0), params)
     np.testing.assert_array_equal(np.asarray(out.response), want)
+
+
+def test_the_cache_has_no_slot_for_the_last_token(monkeypatch):
+    """The last sampled token is never fed back: the KV cache holds P + R - 1 positions."""
+    from jaxppo.models.transformer import Transformer
+    from jaxppo.rollout import sample
+
+    model = small_model()
+    ids, mask = left_padded_batch()                                       # P = 6
+    sizes = []
+    real = Transformer.init_cache
+    monkeypatch.setattr(Transformer, "init_cache",
+                        lambda self, b, n: sizes.append(n) or real(self, b, n))
+    for R in (1, 4):
+        params = SamplingParams(max_new_tokens=R, temperature=0.8, pad_token_id=1, stop_at_eos=False)
+        out = jax.jit(lambda ids, mask, key: sample(model, ids, mask, key, params))(ids, mask, jax.random.PRNGKey(0))
+        assert out.response.shape == (3, R)
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(teacher_forced_logprobs(model, out, mask, 0.8)),
+                                   atol=2e-5)
+    assert sizes == [6, 9]

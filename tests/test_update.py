@@ -238,3 +238,31 @@ def test_sliced_logits_bound_the_backward_memory():
     logits = b * r * 8192 * 4
     assert scratch[None] > 2 * logits, scratch           # the whole logits and their softmax
     assert scratch[2**20] < scratch[None] / 4, scratch
+
+
+def test_the_last_token_is_never_run(monkeypatch):
+    """It predicts nothing and, under the causal mask, nothing attends to it: the policy and the
+    critic run their trunks on the P+R-1 prefix, and the log-probs and values equal a full
+    forward's at the R positions that predict the response."""
+    from jaxppo.models.transformer import Transformer
+    from jaxppo.update import response_logprobs, response_values
+
+    batch = make_batch(2)
+    graphs, params, _ = setup()
+    policy, critic = nnx.merge(graphs[0], params[0]), nnx.merge(graphs[1], params[1])
+    full_logits = policy(batch.tokens, batch.attention_mask)[:, -R - 1:-1] / 0.7
+    want_lp = jnp.take_along_axis(jax.nn.log_softmax(full_logits, -1), batch.response[..., None], -1)[..., 0]
+    want_values = critic(batch.tokens, batch.attention_mask)[:, -R - 1:-1]
+    seen = []
+    real = Transformer.hidden_states
+
+    def spy(self, input_ids, attention_mask=None, **kw):
+        seen.append(input_ids.shape)
+        return real(self, input_ids, attention_mask, **kw)
+
+    monkeypatch.setattr(Transformer, "hidden_states", spy)
+    lp, _ = response_logprobs(policy, batch.tokens, batch.attention_mask, batch.response, 0.7)
+    values = response_values(critic, batch.tokens, batch.attention_mask, R)
+    assert seen == [(B, P + R - 1), (B, P + R - 1)]
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(want_lp), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(values), np.asarray(want_values), rtol=1e-5, atol=1e-5)
