@@ -21,9 +21,11 @@ EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same
 
 
 class EvaluationMixin:
-    """`evaluate` and its pieces (and `_pad_to`, which the train prompts share). Read the trainer's
-    `config`, `state`, `frozen`, `programs`, `mesh`, `tokenizer`, `eos_ids`, `pad_id` and `logger`;
-    call its `_tokenize`, `_function_scores` and `_log`."""
+    """`evaluate` and its pieces (and `_pad_to`, which the train prompts share). Reads the trainer's
+    `config`, `state`, `frozen`, `programs`, `mesh`, `tokenizer`, `eos_ids`, `pad_id`, `logger` and,
+    once `train` has set it, `_prompt_len` (eval prompts then pad to the train prompts' length);
+    keeps its padded-prompt cache in `_eval_cache`; calls the trainer's `_tokenize`,
+    `_function_scores` and `_log`."""
 
     def evaluate(self, eval_dataset, step: int | None = None, *, log: bool = True) -> dict:
         """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate.

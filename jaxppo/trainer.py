@@ -6,8 +6,9 @@
 Per iteration the host feeds one prompt batch, runs the reward functions on decoded text (if
 any), and pulls one dict of scalars (`jax.device_get`) for the logger, the progress bar, the
 KL/non-finite bookkeeping, early stopping and checkpoints. Everything else is device code in
-`step.PPOPrograms`. PPOTrainer's set-up (`loading`), evaluation (`evaluation`) and run directory
-with its checkpoints and signals (`resume`) are mixins in modules of their own.
+`step.PPOPrograms`. PPOTrainer's set-up (`build`), evaluation (`evaluation`) and run directory
+with its checkpoints and signals (`rundir`) are mixins in modules of their own; names re-exported
+here (`tiny_model_dir`, `EVAL_KEY_SALT`) are looked up where they are defined.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ import numpy as np
 from flax import nnx
 
 from jaxppo import tasks
+from jaxppo.build import BuildMixin, tiny_model_dir  # noqa: F401 (tiny_model_dir: public here too)
 from jaxppo.checkpoint import Checkpointer
 from jaxppo.config import PPOConfig
 from jaxppo.data import PromptIterator, tokenize_prompts
 from jaxppo.errors import ConfigError, JaxppoError, RewardError  # noqa: F401 (RewardError: public here too)
 from jaxppo.evaluation import EVAL_KEY_SALT, EvalJob, EvaluationMixin, format_metrics  # noqa: F401 (EVAL_KEY_SALT)
-from jaxppo.loading import SetupMixin, tiny_model_dir  # noqa: F401 (tiny_model_dir: public here too)
 from jaxppo.logger import TrainingLogger
 from jaxppo.models import hf
-from jaxppo.resume import CheckpointMixin
+from jaxppo.rundir import RunDirMixin
 from jaxppo.runtime import enable_compilation_cache, use_deterministic_ops
 from jaxppo.sharding import shard_batch
 
@@ -43,7 +44,7 @@ class NonFiniteError(JaxppoError):
     """Too many consecutive updates with non-finite losses or gradients."""
 
 
-class PPOTrainer(SetupMixin, EvaluationMixin, CheckpointMixin):
+class PPOTrainer(BuildMixin, EvaluationMixin, RunDirMixin):
     """PPO for a causal LM with a separate critic, a frozen reference and reward model/functions."""
 
     def __init__(self, config: PPOConfig | None = None, resume_from_checkpoint: str | None = None, *,

@@ -1,6 +1,6 @@
 """The run directory of a PPOTrainer: opening it (and resuming), checkpoints, and signals.
 
-`CheckpointMixin` is the part of `PPOTrainer` that opens a run (`_open_run`: run directory,
+`RunDirMixin` is the part of `PPOTrainer` that opens a run (`_open_run`: run directory,
 checkpointer, a resumed checkpoint, logger and config.yaml), writes checkpoints (`_save_checkpoint`:
 the TrainState plus the host state - prompt iterator, early stopping, non-finite streak and the
 models' fingerprint), restores one (`_load_checkpoint`, refusing a checkpoint of another model),
@@ -33,9 +33,11 @@ def _fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg) -> dict:
             "critic_init": cfg.model.critic_init, "critic": cfg.model.critic}
 
 
-class CheckpointMixin:
-    """Read and write the trainer's `state`, `checkpointer`, `logger`, `early_stopping_state`,
-    `_nonfinite_streak` and `_stop_signal`."""
+class RunDirMixin:
+    """Reads the trainer's `config`, `run_dir`, `resume_from`, `policy_path`, `policy_config`,
+    `critic_config` (set by `BuildMixin`) and `_prompt_len` (set by `train` before `_open_run`);
+    reads and writes `state`, `checkpointer`, `logger`, `early_stopping_state`,
+    `_nonfinite_streak` and `_stop_signal`; calls the trainer's `_log`."""
 
     def _open_run(self, run: _Run) -> int:
         """Run directory, checkpointer (restoring a resumed run), logger and config.yaml -> first step."""

@@ -1,6 +1,6 @@
 """Set-up of a PPOTrainer: what it loads and builds from its config.
 
-`SetupMixin` is the part of `PPOTrainer` that turns the config into objects: in `__init__`,
+`BuildMixin` is the part of `PPOTrainer` that turns the config into objects: in `__init__`,
 `_load_models` (policy, frozen reference, critic, reward model; their graphs and parameters),
 `_build_reward_functions` (reward.task / reward.functions / Python callables) and `_build_programs`
 (optimisers, the mesh, the sharded TrainState and `step.PPOPrograms`); in `train`, `_datasets`
@@ -50,9 +50,13 @@ def tiny_model_dir(arch: str, seed: int = 0, reward_model: bool = False) -> str:
     return str(path)
 
 
-class SetupMixin:
-    """`PPOTrainer`'s set-up steps. Read `self.config`; set the models' attributes (`tokenizer`,
-    `policy_config`, `frozen`, `eos_ids`, ...), then `mesh`, `state` and `programs`."""
+class BuildMixin:
+    """`PPOTrainer`'s set-up steps, run in this order by `__init__`.
+
+    Reads `self.config`. `_load_models` sets `tokenizer`, `eos_ids`, `pad_id`, `policy_path`,
+    `policy_config`, `critic_config`, `reward_model`, `reward_model_path`, `frozen`, `_graphs`
+    (read by `export`), `_template_policy` and `_init_params`; `_build_programs` consumes
+    `_init_params` and sets `mesh`, `state` and `programs`."""
 
     def _load_models(self):
         # bad input that needs no model: fail before loading (and, on accelerators, sharding) anything
@@ -95,7 +99,7 @@ class SetupMixin:
         self._init_params = (nnx.split(policy)[1], nnx.split(critic)[1])
         self.frozen = Frozen(ref=nnx.split(ref)[1],
                              reward_model=None if self.reward_model is None else nnx.split(self.reward_model)[1])
-        self._template_policy = policy     # used to export the trained weights
+        self._template_policy = policy     # a model object with the policy's graph (benchmarks merge into it)
         eos = self.tokenizer.eos_token_id
         self.eos_ids = tuple(sorted({eos} if isinstance(eos, int) else set(eos or ())))
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos)
