@@ -264,17 +264,20 @@ def main(argv=None):
     m_critic = matmul_params(n_critic, trainer.critic_config, lm_head=False)
     m_rm = matmul_params(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen.reward_model)),
                          trainer.reward_model.config, lm_head=False)
-    flops = (2 * m_policy * B * S                            # sampling (prefill + decode)
-             + 2 * (m_policy + m_critic + m_rm) * B * S      # ref, value, reward forwards
-             + args.ppo_epochs * 6 * (m_policy + m_critic) * B * S)   # every row once per epoch
+    # the last sampled token is never run through the policy, reference or critic (it predicts
+    # nothing), only through the reward model: S - 1 tokens a row for those, S for the reward model
+    flops = (2 * m_policy * B * (S - 1)                      # sampling (prefill + decode)
+             + 2 * (m_policy + m_critic) * B * (S - 1)       # ref, value forwards
+             + 2 * m_rm * B * S                              # reward forward
+             + args.ppo_epochs * 6 * (m_policy + m_critic) * B * (S - 1))   # every row once per epoch
     accelerator = jax.default_backend() != "cpu"
     peak = matmul_peak_flops(n=8192 if accelerator else 1024, dtype=args.dtype)
     t_gen_med, t_upd_med = statistics.median(t_gen), statistics.median(t_upd)
-    update_flops = args.ppo_epochs * 6 * (m_policy + m_critic) * B * S
+    update_flops = args.ppo_epochs * 6 * (m_policy + m_critic) * B * (S - 1)
     # decode roofline: every step reads the policy's weights and its whole (fixed-size) KV cache once
     pcfg = policy.config
     itemsize = jnp.dtype(args.dtype).itemsize
-    kv_bytes = (2 * pcfg.num_layers * B * pcfg.num_kv_heads * S
+    kv_bytes = (2 * pcfg.num_layers * B * pcfg.num_kv_heads * (S - 1)    # P + R - 1 cache slots
                 * pcfg.head_dim * itemsize)
     step_bytes = n_policy * itemsize + kv_bytes
     # on the CPU a tiny model's weights sit in the caches, so a DRAM roofline says nothing there

@@ -131,7 +131,9 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     prompt_lens = prompt_mask.sum(-1)                                      # [B]
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)       # [B, P]
 
-    cache = model.init_cache(B, P + R - 1)   # the last sampled token is never fed back: no slot for it
+    # the last sampled token is never fed back: no slot for it. No slack either: decode writes with
+    # dynamic_update_slice, which clamps, so a write past slot P+R-2 would overwrite it silently
+    cache = model.init_cache(B, P + R - 1)
     head = model.head_kernel()         # once, not per step (a tied head's E^T is a transposed copy)
     # prefill: every prompt token's K/V, but the head only where the first token is predicted
     logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P),

@@ -62,6 +62,9 @@ def _predicting_prefix(tokens, attention_mask, response_len: int):
     those whose outputs predict the response tokens. The last token predicts nothing and, under
     the causal mask, no earlier position attends to it, so it is not run at all (1/(P+R) of the
     trunk's work)."""
+    if tokens.ndim != 2 or attention_mask.shape != tokens.shape or not 0 < response_len < tokens.shape[1]:
+        raise ValueError(f"need tokens and attention_mask of one shape [B, P+R] with P >= 1 and R = "
+                         f"{response_len} >= 1; got {tokens.shape} and {attention_mask.shape}")
     S = tokens.shape[1] - 1
     return tokens[:, :S], attention_mask[:, :S], (S - response_len, S)
 

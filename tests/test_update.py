@@ -240,16 +240,16 @@ def test_sliced_logits_bound_the_backward_memory():
     assert scratch[2**20] < scratch[None] / 4, scratch
 
 
-def test_the_last_token_is_never_run(monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])    # RoPE / learned positions
+def test_the_last_token_is_never_run(monkeypatch, arch):
     """It predicts nothing and, under the causal mask, nothing attends to it: the policy and the
     critic run their trunks on the P+R-1 prefix, and the log-probs and values equal a full
-    forward's at the R positions that predict the response."""
+    forward's at the R positions that predict the response (left-padded rows included)."""
     from jaxppo.models.transformer import Transformer
     from jaxppo.update import response_logprobs, response_values
 
     batch = make_batch(2)
-    graphs, params, _ = setup()
-    policy, critic = nnx.merge(graphs[0], params[0]), nnx.merge(graphs[1], params[1])
+    policy, critic = small_model(0, arch=arch), small_model(1, arch=arch, head="scalar")
     full_logits = policy(batch.tokens, batch.attention_mask)[:, -R - 1:-1] / 0.7
     want_lp = jnp.take_along_axis(jax.nn.log_softmax(full_logits, -1), batch.response[..., None], -1)[..., 0]
     want_values = critic(batch.tokens, batch.attention_mask)[:, -R - 1:-1]
@@ -266,3 +266,14 @@ def test_the_last_token_is_never_run(monkeypatch):
     assert seen == [(B, P + R - 1), (B, P + R - 1)]
     np.testing.assert_allclose(np.asarray(lp), np.asarray(want_lp), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(values), np.asarray(want_values), rtol=1e-5, atol=1e-5)
+
+
+def test_response_shapes_are_checked():
+    from jaxppo.update import response_logprobs, response_values
+
+    batch = make_batch(0)
+    policy = small_model(0)
+    with pytest.raises(ValueError, match=r"\(8, 11\) and \(8, 10\)"):
+        response_logprobs(policy, batch.tokens, batch.attention_mask[:, 1:], batch.response, 1.0)
+    with pytest.raises(ValueError, match="R = 11"):
+        response_values(policy, batch.tokens, batch.attention_mask, 11)

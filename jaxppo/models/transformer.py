@@ -16,7 +16,7 @@ keys are never attended, so a left-padded batch gives the same per-token outputs
 
     model = Transformer(config, head="lm", rngs=nnx.Rngs(0))
     logits = model(input_ids, attention_mask)                       # [B, S, V] float32
-    cache = model.init_cache(B, P + R)                               # KVCache, per layer [B, Hkv, P + R, D]
+    cache = model.init_cache(B, max_len)                             # KVCache, per layer [B, Hkv, max_len, D]
     logits, cache = model.decode(ids, mask, positions, cache, 0)     # prefill, then one token a step
 
 Attention is two einsums with a boolean mask over the whole cache (fixed shapes, so one compiled
