@@ -11,6 +11,10 @@ Schedules count optimiser steps (one per minibatch, after gradient accumulation)
 - plateau:  warmup then constant, times optax.contrib.reduce_on_plateau's scale, driven once per
             PPO iteration by a metric known before the update (the caller passes `value=`).
 
+The clip takes the norm as the `grad_norm` extra argument when the caller has it: `ppo_update`
+computes every step's gradient norm anyway (for the metrics and the non-finite check), and a
+second `optax.tree.norm` is a set of slow reductions on XLA:CPU.
+
 Gradient accumulation is not an optax wrapper here: `update.ppo_update` sums token-weighted
 micro-batch gradients before one optimiser step, which is exact when response lengths differ
 (optax.MultiSteps averages micro-batch means, which is not).
@@ -18,8 +22,37 @@ micro-batch gradients before one optimiser step, which is exact when response le
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
+
+from jaxppo.models.layers import column_sum
+
+
+def global_norm(tree) -> jax.Array:
+    """sqrt of the sum of squares of every leaf (`optax.tree.norm`), with the big sums as matmuls
+    (`column_sum`): XLA:CPU runs a plain sum over a weight matrix as a slow reduce-window."""
+    total = jnp.float32(0)
+    for x in jax.tree.leaves(tree):
+        x = x.astype(jnp.float32)
+        sq = x * x
+        total += (column_sum(sq.reshape(-1, sq.shape[-1])) if sq.ndim >= 2 else sq).sum()
+    return jnp.sqrt(total)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.clip_by_global_norm`: the same maths and the same (empty) state, so checkpoints are
+    unchanged. `update(..., grad_norm=n)` uses `n` as the norm of the updates it receives (the
+    caller's own, computed once); without it the norm is computed here."""
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = global_norm(updates) if grad_norm is None else grad_norm
+        small = norm < max_norm
+        clipped = jax.tree.map(lambda t: jax.lax.select(small, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+        return clipped, state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def make_schedule(optim_cfg, total_updates: int, lr: float | None = None) -> optax.Schedule:
@@ -48,7 +81,7 @@ def make_optimizer(optim_cfg, total_updates: int, lr: float | None = None, *,
     schedule = make_schedule(optim_cfg, total_updates, lr)
     parts = []
     if optim_cfg.max_grad_norm:
-        parts.append(optax.clip_by_global_norm(float(optim_cfg.max_grad_norm)))
+        parts.append(clip_by_global_norm(float(optim_cfg.max_grad_norm)))
     parts.append(optax.adamw(schedule, b1=float(optim_cfg.adam_b1), b2=float(optim_cfg.adam_b2),
                              eps=float(optim_cfg.adam_eps), weight_decay=float(optim_cfg.weight_decay)))
     if optim_cfg.schedule == "plateau":

@@ -27,7 +27,7 @@ from flax import nnx, struct
 
 from jaxppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from jaxppo.masked import masked_sum
-from jaxppo.models.layers import column_sum
+from jaxppo.optim import global_norm
 
 
 @struct.dataclass
@@ -125,17 +125,6 @@ def _micro_loss(params, graphdefs, mb: PPOBatch, n_tokens, s: UpdateSettings):
     return total, sums
 
 
-def global_norm(tree) -> jax.Array:
-    """sqrt of the sum of squares of every leaf (`optax.tree.norm`), with the big sums as matmuls
-    (`column_sum`): XLA:CPU runs a plain sum over a weight matrix as a slow reduce-window."""
-    total = jnp.float32(0)
-    for x in jax.tree.leaves(tree):
-        x = x.astype(jnp.float32)
-        sq = x * x
-        total += (column_sum(sq.reshape(-1, sq.shape[-1])) if sq.ndim >= 2 else sq).sum()
-    return jnp.sqrt(total)
-
-
 def _take(batch: PPOBatch, idx):
     return jax.tree.map(lambda x: x[idx], batch)
 
@@ -178,8 +167,9 @@ def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: Upda
         def apply(operands):
             params, opt_states, grads = operands
             new_params, new_opts = [], []
-            for p, g, o, tx in zip(params, grads, opt_states, txs):
-                updates, o = tx.update(g, o, p, **extra)
+            for p, g, o, tx, norm in zip(params, grads, opt_states, txs, norms):
+                # the norm goes to optim.clip_by_global_norm (computed once); other transforms ignore it
+                updates, o = optax.with_extra_args_support(tx).update(g, o, p, grad_norm=norm, **extra)
                 new_params.append(optax.apply_updates(p, updates))
                 new_opts.append(o)
             return tuple(new_params), tuple(new_opts)

@@ -1,11 +1,14 @@
 """Schedules and the optimiser chain against hand-computed values."""
 
-
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from jaxppo.config import OptimConfig, PlateauConfig
-from jaxppo.optim import current_lr, make_optimizer, make_schedule, plateau_scale
+from jaxppo import optim
+from jaxppo.optim import clip_by_global_norm, current_lr, make_optimizer, make_schedule, plateau_scale
 
 
 def cfg(**kw):
@@ -61,3 +64,37 @@ def test_plateau_reduces_lr_after_patience():
 def test_plateau_scale_is_one_without_plateau():
     tx, _ = make_optimizer(cfg(lr=1.0), total_updates=10)
     assert float(plateau_scale(tx.init({"w": jnp.zeros(2)}))) == 1.0
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])            # below and above the clip
+def test_clip_equals_optax_and_takes_the_callers_norm(scale):
+    rng = np.random.default_rng(0)
+    tree = {"w": jnp.asarray(rng.normal(size=(7, 5)) * scale, jnp.float32), "b": jnp.asarray(rng.normal(size=(5,)) * scale, jnp.float32)}
+    want, _ = optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+    ours = clip_by_global_norm(1.0)
+    state = ours.init(tree)
+    assert jax.tree.structure(state) == jax.tree.structure(optax.clip_by_global_norm(1.0).init(tree))  # checkpoints unchanged
+    got, _ = ours.update(tree, state)
+    given, _ = ours.update(tree, state, grad_norm=optax.tree.norm(tree))
+    for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(given), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6)
+    half, _ = ours.update(tree, state, grad_norm=jnp.float32(2.0))   # a norm of 2 halves every leaf
+    np.testing.assert_allclose(np.asarray(half["w"]), np.asarray(tree["w"]) / 2, rtol=1e-6)
+
+
+def test_the_update_computes_each_norm_once(monkeypatch):
+    """ppo_update passes the norm it computed (metrics, non-finite check) to the clip."""
+    from test_update import make_batch, setup
+
+    from jaxppo.update import UpdateSettings, ppo_update
+
+    graphs, params, _ = setup()
+    txs = tuple(make_optimizer(cfg(lr=1e-3, max_grad_norm=1.0), total_updates=10)[0] for _ in range(2))
+    opts = tuple(tx.init(p) for tx, p in zip(txs, params))
+    calls = []
+    real = optim.global_norm
+    monkeypatch.setattr(optim, "global_norm", lambda t: calls.append(1) or real(t))
+    jax.make_jaxpr(lambda p, o, b: ppo_update(graphs, p, o, b, jax.random.PRNGKey(0), txs,
+                                              UpdateSettings(epochs=1, num_minibatches=2)))(params, opts, make_batch(0))
+    assert calls == []                                  # the clip never computed its own
