@@ -163,6 +163,19 @@ def _where(i: int, source: str | Sequence[str] | None) -> str:
     return f"{source[i]} (prompt {i})"
 
 
+def pad_prompts(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad `[N, L]` prompt ids and mask to `length >= L` columns, so that train and eval
+    prompts share one compiled program."""
+    n = ids.shape[1]
+    if n > length:   # `tokenize_prompts` pads to the longest prompt: a leading column is never all padding
+        raise ValueError(f"prompts of {n} tokens cannot be padded to {length} columns")
+    if n == length:
+        return ids, mask
+    pad = length - n
+    return (np.concatenate([np.full((ids.shape[0], pad), pad_id, ids.dtype), ids], axis=1),
+            np.concatenate([np.zeros((mask.shape[0], pad), mask.dtype), mask], axis=1))
+
+
 def tokenize_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int, truncation: str = "left",
                      use_chat_template: bool = False,
                      source: str | Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:

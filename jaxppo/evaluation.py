@@ -15,17 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.data import pad_prompts
 from jaxppo.sharding import replicated, shard_batch
 
 EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same keys at every eval
 
 
 class EvaluationMixin:
-    """`evaluate` and its pieces (and `_pad_to`, which the train prompts share). Reads the trainer's
-    `config`, `state`, `frozen`, `programs`, `mesh`, `tokenizer`, `eos_ids`, `pad_id`, `logger` and,
-    once `train` has set it, `_prompt_len` (eval prompts then pad to the train prompts' length);
-    keeps its padded-prompt cache in `_eval_cache`; calls the trainer's `_tokenize`,
-    `_function_scores` and `_log`."""
+    """`evaluate` and its pieces. Reads the trainer's `config`, `state`, `frozen`, `programs`,
+    `mesh`, `tokenizer`, `eos_ids`, `pad_id`, `logger` and, once `train` has set it, `_prompt_len`
+    (eval prompts then pad to the train prompts' length, unless longer); keeps its padded-prompt cache in
+    `_eval_cache`; calls the trainer's `_tokenize`, `_function_scores` and `_log`."""
 
     def evaluate(self, eval_dataset, step: int | None = None, *, log: bool = True) -> dict:
         """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate.
@@ -104,19 +104,9 @@ class EvaluationMixin:
         key = tuple(prompts)
         if getattr(self, "_eval_cache", (None,))[0] != key:
             ids, mask = self._tokenize(prompts, source=self.config.data.eval_prompts)
-            self._eval_cache = (key, *self._pad_to(ids, mask, getattr(self, "_prompt_len", ids.shape[1])))
+            length = max(getattr(self, "_prompt_len", 0), ids.shape[1])
+            self._eval_cache = (key, *pad_prompts(ids, mask, length, self.pad_id))
         return self._eval_cache[1], self._eval_cache[2]
-
-    def _pad_to(self, ids, mask, length):
-        """Left-pad (or left-trim padding) to `length` columns so train and eval share one program."""
-        n = ids.shape[1]
-        if n == length:
-            return ids, mask
-        if n > length:
-            return ids[:, n - length:], mask[:, n - length:]
-        pad = length - n
-        return (np.concatenate([np.full((ids.shape[0], pad), self.pad_id, ids.dtype), ids], axis=1),
-                np.concatenate([np.zeros((mask.shape[0], pad), mask.dtype), mask], axis=1))
 
 
 def format_metrics(split, step, metrics):

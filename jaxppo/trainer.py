@@ -30,7 +30,7 @@ from jaxppo import tasks
 from jaxppo.build import BuildMixin, tiny_model_dir  # noqa: F401 (tiny_model_dir: public here too)
 from jaxppo.checkpoint import Checkpointer
 from jaxppo.config import PPOConfig
-from jaxppo.data import PromptIterator, tokenize_prompts
+from jaxppo.data import PromptIterator, pad_prompts, tokenize_prompts
 from jaxppo.errors import ConfigError, JaxppoError, RewardError  # noqa: F401 (RewardError: public here too)
 from jaxppo.evaluation import EVAL_KEY_SALT, EvalJob, EvaluationMixin, format_metrics  # noqa: F401 (EVAL_KEY_SALT)
 from jaxppo.logger import TrainingLogger
@@ -178,7 +178,7 @@ class PPOTrainer(BuildMixin, EvaluationMixin, RunDirMixin):
             eval_ids, _ = self._tokenize(eval_prompts, source=eval_ds.sources or c.data.eval_prompts)
             prompt_len = max(prompt_len, eval_ids.shape[1])
         self._prompt_len = prompt_len
-        train_ids, train_mask = self._pad_to(train_ids, train_mask, prompt_len)
+        train_ids, train_mask = pad_prompts(train_ids, train_mask, prompt_len, self.pad_id)
         max_ctx = self.policy_config.max_position_embeddings
         if prompt_len + c.rollout.max_new_tokens > max_ctx:
             raise ConfigError(f"the longest prompt ({prompt_len} tokens, data.max_prompt_length="

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from jaxppo.data import PPODataset, PromptIterator, load_prompts, split_prompts, tokenize_prompts
+from jaxppo.data import PPODataset, PromptIterator, load_prompts, pad_prompts, split_prompts, tokenize_prompts
 from jaxppo.errors import DataError, JaxppoError
 
 WORDS = "<pad> <s> </s> <unk> the a cat dog sat on mat is big small".split()
@@ -195,3 +195,16 @@ def test_iterator_small_dataset_wraps_and_no_shuffle():
         PromptIterator(0, 4, seed=0)
     with pytest.raises(DataError, match="does not fit 3 prompts"):
         it.load_state_dict({"epoch": 0, "position": 9})
+
+
+def test_pad_prompts_left_pads_and_never_cuts_tokens():
+    ids = np.array([[5, 6, 7], [1, 8, 9]], np.int32)
+    mask = np.array([[1, 1, 1], [0, 1, 1]], np.int32)
+    got_ids, got_mask = pad_prompts(ids, mask, 5, pad_id=1)
+    np.testing.assert_array_equal(got_ids, [[1, 1, 5, 6, 7], [1, 1, 1, 8, 9]])
+    np.testing.assert_array_equal(got_mask, [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    assert got_ids.dtype == ids.dtype and got_mask.dtype == mask.dtype
+    same = pad_prompts(ids, mask, 3, pad_id=1)
+    np.testing.assert_array_equal(same[0], ids)
+    with pytest.raises(ValueError, match="3 tokens cannot be padded to 2"):
+        pad_prompts(ids, mask, 2, pad_id=1)

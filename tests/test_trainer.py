@@ -130,6 +130,10 @@ def test_evaluate_is_deterministic(tmp_path):
     assert a == b
     assert set(a) >= {"objective/scores", "objective/kl", "response_length", "eos_rate"}
     assert a["num_prompts"] == 3.0
+    trainer._prompt_len = 2                  # train prompts shorter than these: eval ones are never cut
+    longer = ["Describe how a wise owl finds a key in the old forest"]
+    ids, mask = trainer._eval_arrays(longer)
+    np.testing.assert_array_equal(ids, trainer._tokenize(longer)[0])
 
 
 def test_evaluation_program_matches_the_training_rollout(tmp_path):
