@@ -53,8 +53,9 @@ def test_bench_ppo_runs_on_random_prompts_and_counts_matmul_flops(model_dir, cap
     assert m_policy == out["policy_params"] - positions
     assert m_critic == out["critic_params"] - table - positions == m_rm
     S, B = 16, 4
-    assert out["model_flops_per_iter"] == (2 * m_policy * B * S + 2 * (m_policy + m_critic + m_rm) * B * S
-                                           + 6 * (m_policy + m_critic) * B * S)
+    # the policy, reference and critic run P+R-1 tokens (the last one predicts nothing), the RM all
+    assert out["model_flops_per_iter"] == (2 * m_policy * B * (S - 1) + 2 * (m_policy + m_critic) * B * (S - 1)
+                                           + 2 * m_rm * B * S + 6 * (m_policy + m_critic) * B * (S - 1))
 
 
 @pytest.mark.slow
