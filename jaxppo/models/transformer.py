@@ -22,122 +22,49 @@ keys are never attended, so a left-padded batch gives the same per-token outputs
 Attention is two einsums with a boolean mask over the whole cache (fixed shapes, so one compiled
 step serves every decode position inside `lax.while_loop`); queries are reshaped to
 `[B, S, Hkv, G, D]` so grouped K/V heads are never repeated.
+
+The pieces live in `jaxppo.models.arch` (`TransformerConfig` and the tables it validates against)
+and `jaxppo.models.blocks` (RoPE tables, `Attention`, `MLP`, `Block`, `select_rows`); this module
+holds the `Transformer` itself, its `KVCache` and the mask/position helpers, and re-exports the
+public names of the others, so `jaxppo.models.transformer` stays the one import.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxppo.models.arch import (
+    ACTIVATIONS,
+    ARCHS,
+    MODEL_TYPES,
+    ROPE_TYPES,
+    TransformerConfig,
+)
+from jaxppo.models.blocks import (
+    _INIT,
+    MLP,
+    Attention,
+    Block,
+    _apply_rope,  # noqa: F401  (re-exported: was importable from here)
+    _remat_block,
+    _rope_tables,
+    rope_inv_freq,
+    select_rows,
+)
 from jaxppo.models.layers import Dense, Norm
 
-ARCHS = ("gpt2", "llama")
-MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "relu": jax.nn.relu,
-}
-ROPE_TYPES = ("default", "llama3")
+__all__ = [
+    "ACTIVATIONS", "ARCHS", "HEADS", "MLP", "MODEL_TYPES", "ROPE_TYPES", "Attention", "Block", "KVCache",
+    "Transformer", "TransformerConfig", "last_token_index", "positions_from_mask", "rope_inv_freq",
+    "select_rows", "sequence_scores",
+]
+
 HEADS = ("lm", "scalar")
-_INIT = nnx.initializers.normal(stddev=0.02)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TransformerConfig:
-    """Architecture of a decoder-only LM. Hashable, so it can be a static jit argument."""
-
-    arch: str  # "gpt2" | "llama" (the llama family: llama, mistral, qwen2)
-    model_type: str = ""  # HF model_type: "gpt2" | "llama" | "mistral" | "qwen2"; "" -> arch
-    vocab_size: int  # rows of the embedding / logits width; may exceed the tokenizer's vocab
-    hidden_size: int  # residual stream width H
-    num_layers: int  # transformer blocks
-    num_heads: int  # query heads Hq
-    num_kv_heads: int = 0  # key/value heads Hkv (grouped-query attention); 0 -> num_heads
-    head_dim: int = 0  # D; 0 -> hidden_size // num_heads
-    intermediate_size: int = 0  # MLP width I; 0 -> 4 * hidden_size
-    max_position_embeddings: int = 1024  # learned positions (gpt2) / nominal context (llama)
-    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
-    rope_theta: float = 10000.0  # RoPE base (llama family)
-    rope_scaling: tuple | None = None  # sorted (key, value) items of HF rope_scaling; None = plain RoPE
-    qkv_bias: bool = False  # bias on q, k, v (gpt2, qwen2, llama attention_bias)
-    o_bias: bool = False  # bias on the attention output projection (gpt2, llama attention_bias)
-    mlp_bias: bool = False  # bias on the MLP projections (gpt2, llama mlp_bias)
-    tie_word_embeddings: bool = False  # lm head reuses the token embedding
-    activation: str = "gelu_new"  # MLP activation (HF name); llama family gates it (SwiGLU)
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple | None = None
-    pad_token_id: int | None = None
-    hf_config: str | None = dataclasses.field(default=None, compare=False, repr=False)
-    # ^ the original config.json text, kept so save_pretrained writes back every HF field
-
-    def __post_init__(self):
-        def fix(name, value):
-            object.__setattr__(self, name, value)
-
-        if self.arch not in ARCHS:
-            raise ValueError(f"TransformerConfig.arch: got {self.arch!r}, expected one of {ARCHS}")
-        if not self.model_type:
-            fix("model_type", self.arch)
-        if self.model_type not in MODEL_TYPES or MODEL_TYPES[self.model_type] != self.arch:
-            raise ValueError(
-                f"TransformerConfig.model_type: {self.model_type!r} does not fit arch {self.arch!r} "
-                f"(supported: {sorted(MODEL_TYPES)})"
-            )
-        if not self.num_kv_heads:
-            fix("num_kv_heads", self.num_heads)
-        if not self.head_dim:
-            fix("head_dim", self.hidden_size // self.num_heads)
-        if not self.intermediate_size:
-            fix("intermediate_size", 4 * self.hidden_size)
-        if isinstance(self.eos_token_id, list):
-            fix("eos_token_id", tuple(self.eos_token_id))
-        if isinstance(self.rope_scaling, dict):
-            fix("rope_scaling", tuple(sorted(self.rope_scaling.items())))
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TransformerConfig.{name}: must be > 0, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"TransformerConfig.num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"TransformerConfig.activation: {self.activation!r} unsupported (supported: {sorted(ACTIVATIONS)})"
-            )
-        if self.arch == "llama" and self.head_dim % 2:
-            raise ValueError(f"TransformerConfig.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"TransformerConfig.rope_scaling: rope_type {self.rope_type!r} unsupported "
-                f"(supported: {ROPE_TYPES})"
-            )
-
-    @property
-    def rope_type(self) -> str:
-        params = dict(self.rope_scaling or ())
-        return params.get("rope_type", params.get("type")) or "default"
-
-    @property
-    def num_groups(self) -> int:
-        """Query heads per key/value head G."""
-        return self.num_heads // self.num_kv_heads
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        if self.eos_token_id is None:
-            return ()
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
 
 @flax.struct.dataclass
@@ -181,16 +108,6 @@ def sequence_scores(values: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, last_token_index(attention_mask)[:, None], axis=1)[:, 0]
 
 
-def select_rows(x: jax.Array, rows) -> jax.Array:
-    """Rows of `x [B, S, ...]` along axis 1: `rows` is a static `(start, stop)` slice, or an int
-    array `[B, Q]` of per-row indices -> `[B, stop - start or Q, ...]`."""
-    if isinstance(rows, tuple):
-        start, stop = rows
-        return x[:, start:stop]
-    index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
-
-
 def _rows(outputs_at, length: int):
     """Validate `outputs_at` (None | (start, stop) | int array [B, Q]) against a length-`length` sequence."""
     if outputs_at is None or not isinstance(outputs_at, (tuple, list)):
@@ -201,146 +118,6 @@ def _rows(outputs_at, length: int):
     if not 0 <= start < stop <= length:
         raise ValueError(f"outputs_at: need 0 <= start < stop <= {length}, got ({start}, {stop})")
     return (start, stop)
-
-
-def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
-    """RoPE inverse frequencies `[D/2]` float32, with Llama-3 frequency scaling when configured."""
-    dim = config.head_dim
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(
-        np.float32
-    )
-    if config.rope_type == "llama3":
-        p = dict(config.rope_scaling)
-        factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
-        old_len = float(p.get("original_max_position_embeddings", config.max_position_embeddings))
-        wavelen = 2 * math.pi / inv_freq
-        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
-    return inv_freq
-
-
-def _rope_tables(config: TransformerConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin `[B, S, D]` float32 for integer positions `[B, S]` (HF's rotate-half layout)."""
-    freqs = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(rope_inv_freq(config))[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, S, D]
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x [B, S, ..., D]` by cos/sin already broadcast to its rank; float32 math."""
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-# ----------------------------------------------------------------------------- modules
-
-
-class Attention(nnx.Module):
-    """Causal multi-head attention with grouped K/V heads; K/V are never repeated per query head."""
-
-    def __init__(self, config: TransformerConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        c = config
-        self.config = c
-        self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
-        self.qkv = Dense(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, use_bias=c.qkv_bias, **kw)
-        self.out = Dense(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
-
-    def __call__(self, x, rope, mask, kv=None, cache_index=None, rows=None):
-        """x `[B, S, H]`; rope (cos, sin) `[B, S, D]` or None; mask `[B, S, T]` bool (True = attend);
-        kv: None, or this layer's cache buffers `([B, Hkv, T, D], [B, Hkv, T, D])` into which the new
-        K/V are written at `cache_index`; rows: None, or the query rows to compute (`select_rows`):
-        every row still contributes its key and value. Returns (`[B, S or Q, H]`, kv)."""
-        c = self.config
-        b, s, _ = x.shape
-        hkv, g, d = c.num_kv_heads, c.num_groups, c.head_dim
-        qkv = self.qkv(x)  # [B, S, (Hq + 2 Hkv) D]
-        q = qkv[..., : c.num_heads * d].reshape(b, s, hkv, g, d)  # [B, S, Hkv, G, D]
-        k = qkv[..., c.num_heads * d : (c.num_heads + hkv) * d].reshape(b, s, hkv, d)  # [B, S, Hkv, D]
-        v = qkv[..., (c.num_heads + hkv) * d :].reshape(b, s, hkv, d)  # [B, S, Hkv, D]
-        if rope is not None:
-            cos, sin = rope
-            q = _apply_rope(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
-            k = _apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
-        k = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
-        v = v.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
-        if kv is not None:
-            # in-place slot write (XLA reuses the carried buffer inside while_loop)
-            start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)  # [B, Hkv, T, D]
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k, v)
-        if rows is not None:
-            q, mask = select_rows(q, rows), select_rows(mask, rows)
-            s = q.shape[1]
-        q = q * jnp.asarray(d**-0.5, q.dtype)
-        scores = jnp.einsum("bshgd,bhtd->bhgst", q, k, preferred_element_type=jnp.float32)  # [B, Hkv, G, S, T]
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bhgst,bhtd->bshgd", probs, v)  # [B, S, Hkv, G, D]
-        return self.out(o.reshape(b, s, c.num_heads * d)), kv
-
-
-class MLP(nnx.Module):
-    """GELU MLP (gpt2) or SwiGLU (llama family: `fc_in` holds [gate | up])."""
-
-    def __init__(self, config: TransformerConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        c = config
-        self.gated = c.arch == "llama"
-        self.act = ACTIVATIONS[c.activation]
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, use_bias=c.mlp_bias, rngs=rngs)
-        width = (2 if self.gated else 1) * c.intermediate_size
-        self.fc_in = Dense(c.hidden_size, width, **kw)
-        self.fc_out = Dense(c.intermediate_size, c.hidden_size, **kw)
-
-    def __call__(self, x):
-        h = self.fc_in(x)  # [B, S, I] or [B, S, 2I]
-        if self.gated:
-            gate, up = jnp.split(h, 2, axis=-1)
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
-        return self.fc_out(h)
-
-
-class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, config: TransformerConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        norm = dict(rms=config.arch == "llama", eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.attn_norm = Norm(config.hidden_size, **norm)
-        self.attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp_norm = Norm(config.hidden_size, **norm)
-        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, rope, mask, kv=None, cache_index=None, rows=None):
-        """rows: None, or the rows (`select_rows`) whose outputs are wanted: attention still reads
-        every row's key and value, the rest of the block runs for these rows only."""
-        h, kv = self.attn(self.attn_norm(x), rope, mask, kv, cache_index, rows)
-        x = (x if rows is None else select_rows(x, rows)) + h
-        return x + self.mlp(self.mlp_norm(x)), kv
-
-
-def _remat_block(layer: Block, x, rope, mask, kv=None, cache_index=None, rows=None):
-    """Block.__call__ under `jax.checkpoint`: activations inside the block are recomputed in the
-    backward pass. The block is split into (graph, params) and merged inside the checkpointed pure
-    function, so it composes with an outer `jax.grad` / `jax.jit` over merged params (nnx.remat
-    would try to write the Params of an outer trace). A static `rows` slice stays a Python value."""
-    graphdef, params = nnx.split(layer)
-    static_rows = rows if isinstance(rows, tuple) else None
-
-    @jax.checkpoint
-    def run(params, x, rope, mask, kv, cache_index, row_index):
-        rows = static_rows if row_index is None else row_index
-        return Block.__call__(nnx.merge(graphdef, params), x, rope, mask, kv, cache_index, rows)
-
-    return run(params, x, rope, mask, kv, cache_index, None if static_rows is not None else rows)
 
 
 class Transformer(nnx.Module):
