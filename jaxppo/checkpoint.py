@@ -304,13 +304,13 @@ def _remove_temporary_dirs(directory: Path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-_PLANS: dict = {}   # (treedef, leaf avals + shardings) -> packing plan; a run's state keeps one
+_PLANS: dict = {}   # (threshold, treedef, leaf avals + shardings) -> packing plan; a run's state keeps one
 
 
 def _plan(leaves, treedef, state):
     """The layout and grouping of a state, computed once per structure (the per-leaf Python work
     of a save is otherwise a noticeable share of its cost)."""
-    key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+    key = (PACK_MAX_ELEMENTS, treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
