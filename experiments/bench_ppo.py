@@ -266,14 +266,14 @@ def main(argv=None):
                          trainer.reward_model.config, lm_head=False)
     # the last sampled token is never run through the policy, reference or critic (it predicts
     # nothing), only through the reward model: S - 1 tokens a row for those, S for the reward model
+    update_flops = args.ppo_epochs * 6 * (m_policy + m_critic) * B * (S - 1)   # every row once per epoch
     flops = (2 * m_policy * B * (S - 1)                      # sampling (prefill + decode)
              + 2 * (m_policy + m_critic) * B * (S - 1)       # ref, value forwards
              + 2 * m_rm * B * S                              # reward forward
-             + args.ppo_epochs * 6 * (m_policy + m_critic) * B * (S - 1))   # every row once per epoch
+             + update_flops)
     accelerator = jax.default_backend() != "cpu"
     peak = matmul_peak_flops(n=8192 if accelerator else 1024, dtype=args.dtype)
     t_gen_med, t_upd_med = statistics.median(t_gen), statistics.median(t_upd)
-    update_flops = args.ppo_epochs * 6 * (m_policy + m_critic) * B * (S - 1)
     # decode roofline: every step reads the policy's weights and its whole (fixed-size) KV cache once
     pcfg = policy.config
     itemsize = jnp.dtype(args.dtype).itemsize
