@@ -52,7 +52,11 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
         clipped = jax.tree.map(lambda t: jax.lax.select(small, t, (t / norm.astype(t.dtype)) * max_norm), updates)
         return clipped, state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    def init_fn(params):
+        del params
+        return optax.EmptyState()    # (optax.init_empty_state only exists from optax 0.2.6)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def make_schedule(optim_cfg, total_updates: int, lr: float | None = None) -> optax.Schedule:
