@@ -33,7 +33,8 @@ def make_batch(seed=0):
         returns=jnp.asarray(rng.normal(0, 1, (B, R)).astype(np.float32)) * mask)
 
 
-def setup(lr=1e-3):
+def models_and_sgd(lr=1e-3):
+    # (not `setup`: pytest 8.0 calls a module-level `setup()` as a nose-style fixture, with the module)
     policy, critic = small_model(0), small_model(1, head="scalar")
     (pg, pp), (cg, cp) = nnx.split(policy), nnx.split(critic)
     txs = (optax.sgd(lr), optax.sgd(lr))
@@ -41,7 +42,7 @@ def setup(lr=1e-3):
 
 
 def run_update(s: UpdateSettings, batch, lr=1e-3, key=0):
-    graphs, params, txs = setup(lr)
+    graphs, params, txs = models_and_sgd(lr)
     opts = tuple(tx.init(p) for tx, p in zip(txs, params))
     fn = jax.jit(lambda params, opts, batch, key: ppo_update(graphs, params, opts, batch, key, txs, s))
     return fn(params, opts, batch, jax.random.PRNGKey(key))
@@ -63,7 +64,7 @@ def test_grad_accumulation_equals_large_batch():
 def test_mean_of_micro_means_would_differ():
     """Guards the test above: with ragged masks a naive average of micro-batch means is different."""
     batch = make_batch()
-    graphs, params, _ = setup()
+    graphs, params, _ = models_and_sgd()
     s = UpdateSettings(temperature=0.7)
     total = jnp.maximum(batch.mask.sum(), 1.0)
     full, _ = _micro_loss(params, graphs, batch, total, s)
@@ -74,7 +75,7 @@ def test_mean_of_micro_means_would_differ():
 
 def test_update_lowers_loss_on_fixed_batch():
     batch = make_batch(1)
-    graphs, params, _ = setup()
+    graphs, params, _ = models_and_sgd()
     s = UpdateSettings(epochs=4, num_minibatches=2, temperature=0.7, clip_eps=10.0, clip_value=10.0)
     n = batch.mask.sum()
     before, _ = _micro_loss(params, graphs, batch, n, s)
@@ -88,7 +89,7 @@ def test_update_lowers_loss_on_fixed_batch():
 
 def test_first_minibatch_ratio_is_one_and_metrics_average_all_minibatches():
     batch = make_batch(2)
-    graphs, params, _ = setup()
+    graphs, params, _ = models_and_sgd()
     s = UpdateSettings(epochs=2, num_minibatches=2, temperature=0.7)
     # old log-probs from the current policy: the first step's ratio is exactly 1
     from jaxppo.losses import logprobs_from_logits
@@ -103,7 +104,7 @@ def test_first_minibatch_ratio_is_one_and_metrics_average_all_minibatches():
 
 def test_no_retrace_between_iterations():
     batch = make_batch()
-    graphs, params, txs = setup()
+    graphs, params, txs = models_and_sgd()
     opts = tuple(tx.init(p) for tx, p in zip(txs, params))
     traces = []
     s = UpdateSettings(epochs=1, num_minibatches=2)
@@ -135,7 +136,10 @@ def test_remat_under_jit_grad_of_merged_params():
         out.append((v, grads))
     np.testing.assert_allclose(float(out[0][0]), float(out[1][0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        # the recomputed forward may sum in another order: float32 rounding relative to the
+        # leaf's largest entry (gradients of a logit sum reach ~20 here)
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(a).max())))
 
 
 def test_global_norm_equals_optax_tree_norm():
@@ -152,7 +156,7 @@ def test_a_non_finite_step_is_skipped_and_the_others_apply():
     batch = make_batch(4)
     batch = batch.replace(advantages=batch.advantages.at[0, 0].set(jnp.nan))
     s = UpdateSettings(epochs=1, num_minibatches=2, temperature=0.7)
-    graphs, params, _ = setup()
+    graphs, params, _ = models_and_sgd()
     txs = (optax.adam(1e-3), optax.adam(1e-3))
     opts = tuple(tx.init(p) for tx, p in zip(txs, params))
     key = jax.random.PRNGKey(0)
@@ -189,7 +193,7 @@ def _policy_objective(graph, batch, chunk_bytes, temperature=0.7):
 @pytest.mark.parametrize("positions", [1, 4])      # R = 6: six slices; two slices, the last one padded
 def test_logits_in_slices_equal_the_whole_with_their_gradients(positions):
     batch = make_batch(3)
-    graphs, params, _ = setup()
+    graphs, params, _ = models_and_sgd()
     V = nnx.merge(graphs[0], params[0]).config.vocab_size
     chunk = positions * B * V * 4
     (v0, (lp0, ent0)), g0 = jax.jit(jax.value_and_grad(_policy_objective(graphs[0], batch, None), has_aux=True))(params[0])
