@@ -8,7 +8,9 @@ A random Qwen2-shaped policy and reward model (vocabulary 151,936, hidden 128, 2
 is nearly all of the model, as the logits are of the memory), made once under ~/.cache/jaxppo/;
 batch 16, 32 prompt + 128 response tokens, 1 epoch x 2 minibatches: one minibatch's float32
 logits are 594 MB. One JSON line per setting: the XLA scratch (`memory_analysis().temp_size_in_bytes`)
-of each compiled program, and the seconds of 3 updates and 3 rollouts after the first.
+of the two programs that hold logits (`rollout_policy`: sampling + reference and reward forwards;
+`policy_update`: the policy's optimiser steps), and the seconds of 3 updates and 3 rollouts after
+the first.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ def measure(root: Path, chunk_mb: int) -> dict:
     zeros = jnp.zeros((B,), jnp.float32)
     exp = programs.rollout(trainer.state, trainer.frozen, ids, mask, key)
     scratch = lambda compiled: round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
-    out = {"logits_chunk_mb": chunk_mb or None,
-           "rollout_scratch_mib": scratch(programs.rollout.lower(trainer.state, trainer.frozen, ids, mask, key).compile()),
-           "update_scratch_mib": scratch(programs.update.lower(trainer.state, exp, zeros).compile()),
+    lowered = programs.lower(trainer.state, trainer.frozen, ids, mask, key, exp, zeros)
+    out = {"logits_chunk_mb": chunk_mb or None,      # the programs that hold logits: sampling + scoring, the policy's steps
+           "rollout_scratch_mib": scratch(lowered["rollout_policy"].compile()),
+           "update_scratch_mib": scratch(lowered["policy_update"].compile()),
            "minibatch_logits_mib": round(B // 2 * R * VOCAB * 4 / 2**20, 1)}
     times = {"update_sec": [], "rollout_sec": []}
     for i in range(4):
@@ -68,7 +71,7 @@ def measure(root: Path, chunk_mb: int) -> dict:
         trainer.state, metrics = programs.update(trainer.state, exp, zeros)
         jax.block_until_ready(metrics)
         t1 = time.perf_counter()
-        jax.block_until_ready(programs.rollout(trainer.state, trainer.frozen, ids, mask, key).tokens)
+        jax.block_until_ready(programs.rollout(trainer.state, trainer.frozen, ids, mask, key))
         if i:                                           # the first call of each compiles
             times["update_sec"].append(round(t1 - t0, 3))
             times["rollout_sec"].append(round(time.perf_counter() - t1, 3))

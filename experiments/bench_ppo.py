@@ -11,8 +11,9 @@ token (exactly R tokens), prompts cut to their first `--prompt-len` tokens (no p
 lr 3e-6 with linear decay and no gradient clipping, kl_coef 0.05, clip 0.2/0.2, vf_coef 0.1,
 gamma 1, lambda 0.95, whitened advantages.
 
-One iteration = `programs.rollout` (sampling + reference/value/reward forwards, one jitted
-program) + `programs.update` (shaping, GAE, E x M optimiser steps, one jitted program) + the host's
+One iteration = `programs.rollout` (sampling + reference/reward forwards on the policy's devices,
+the value forward on the critic's) + `programs.update` (shaping and GAE, then each model's E x M
+optimiser steps, side by side under `train.placement` separate, the default on a CPU) + the host's
 one `device_get` of the metrics: what `PPOTrainer.train` runs per step, minus logging.
 
 Prints one JSON line: `sec_per_iter_median`, the phase split (`rollout` = generate + scoring
@@ -27,7 +28,7 @@ model folder without prompts.jsonl gets random prompt ids (`experiments/gpu_benc
 Qwen2-0.5B shape on a GPU).
 
 `--profile DIR` then traces two more iterations with `jax.profiler` (a Perfetto trace under DIR),
-writes the optimized HLO of both programs there (`update.hlo.txt`, `rollout.hlo.txt`) and prints
+writes the optimized HLO of the rollout's and the update's programs there (`NAME.hlo.txt`) and prints
 the ops that took the most time to stderr: how the matmul-only backward of `models/layers.py` was
 found (copies of transposed cotangents and `reduce-window` ops used to lead that list).
 """
@@ -135,11 +136,10 @@ def profile_iterations(trace_dir, programs, trainer, frozen, ids, mask, zeros, i
             exp = programs.rollout(trainer.state, frozen, ids, mask, programs.sample_key(trainer.state))
             trainer.state, metrics = programs.update(trainer.state, exp, zeros)
             jax.device_get(metrics)
-    with open(os.path.join(trace_dir, "update.hlo.txt"), "w") as f:
-        f.write(programs.update.lower(trainer.state, exp, zeros).compile().as_text())
-    with open(os.path.join(trace_dir, "rollout.hlo.txt"), "w") as f:
-        f.write(programs.rollout.lower(trainer.state, frozen, ids, mask,
-                                       programs.sample_key(trainer.state)).compile().as_text())
+    lowered = programs.lower(trainer.state, frozen, ids, mask, programs.sample_key(trainer.state), exp, zeros)
+    for name, low in lowered.items():
+        with open(os.path.join(trace_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(low.compile().as_text())
     print(f"top ops over {iters} iterations (name, ms, count); optimized HLO in {trace_dir}:", file=sys.stderr)
     for row in top_ops(trace_dir):
         print(f"  {row[0]:60s} {row[1]:9.2f} {row[2]:6d}", file=sys.stderr)
@@ -218,7 +218,7 @@ def main(argv=None):
         usage0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         exp = programs.rollout(trainer.state, frozen, ids_all[sl], mask_all[sl], programs.sample_key(trainer.state))
-        jax.block_until_ready(exp.tokens)
+        jax.block_until_ready(exp)
         t1 = time.perf_counter()
         trainer.state, metrics = programs.update(trainer.state, exp, zeros)
         metrics = jax.device_get(metrics)

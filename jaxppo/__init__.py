@@ -21,6 +21,13 @@ USER_SET_YNN = "xla_cpu_experimental_ynn_fusion_type" in _os.environ.get("XLA_FL
 if not USER_SET_YNN:
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
+# XLA:CPU runs the operations of one program one at a time; two host devices let the policy's and
+# the critic's programs run side by side (`train.placement`, experiments/README.md session 11).
+# Only the CPU platform reads this flag; the user's own setting wins.
+USER_SET_HOST_DEVICES = "xla_force_host_platform_device_count" in _os.environ.get("XLA_FLAGS", "")
+if not USER_SET_HOST_DEVICES and (_os.cpu_count() or 1) >= 2:
+    _os.environ["XLA_FLAGS"] = _os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -10,6 +10,8 @@ checkpoints that `model.policy=tiny` and `model.reward_model=tiny` stand for.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from jaxppo.models import hf
 from jaxppo.optim import make_optimizer
 from jaxppo.rollout import SamplingParams
 from jaxppo.runtime import cache_root
-from jaxppo.sharding import make_mesh, shard_tree, tree_shardings
+from jaxppo.sharding import make_meshes, shard_tree, tree_shardings
 from jaxppo.step import Frozen, PPOPrograms, StepSettings, init_train_state
 from jaxppo.update import UpdateSettings
 
@@ -61,7 +63,7 @@ class BuildMixin:
     def _load_models(self):
         # bad input that needs no model: fail before loading (and, on accelerators, sharding) anything
         from jaxppo.config import check_devices
-        check_devices(self.config, jax.device_count())
+        check_devices(self.config, jax.device_count(), jax.devices()[0].platform)
         c = self.config.model
         dtype = _DTYPES[c.dtype]
         ref_dtype = _DTYPES[c.ref_dtype or c.dtype]
@@ -141,17 +143,28 @@ class BuildMixin:
             reward_clip=c.reward.clip, normalize_rewards=c.reward.normalize,
             forward_batch_size=rc.forward_batch_size, plateau_metric=plateau_metric,
             plateau_sign=-1.0 if c.optim.plateau.mode == "max" else 1.0)
-        # one mesh over all local devices: batch over (data, fsdp), params/opt state FSDP-sharded
-        self.mesh = make_mesh(data=c.train.mesh_data, fsdp=c.train.mesh_fsdp)
+        # the policy's mesh and the critic's (the same one unless train.placement separates them):
+        # batch over (data, fsdp), params/opt state FSDP-sharded
+        self.mesh, self.critic_mesh = make_meshes(c.train.mesh_data, c.train.mesh_fsdp, c.train.placement)
         state = init_train_state(*self._init_params, (ptx, ctx), c.train.seed, p.kl_coef)
         del self._init_params
-        self.state = shard_tree(state, self.mesh)
+        self.state = state.replace(**{f.name: shard_tree(getattr(state, f.name), self.critic_mesh
+                                                         if f.name in ("critic", "critic_opt") else self.mesh)
+                                      for f in dataclasses.fields(state)})
         self.frozen = shard_tree(self.frozen, self.mesh)
-        shardings = tree_shardings(self.state, self.mesh) if self.mesh.devices.size > 1 else None
+
+        def pinned(params, opt, mesh):   # an update program's output shardings (None on one device)
+            return (tree_shardings(params, mesh), tree_shardings(opt, mesh)) if mesh.devices.size > 1 else None
+
+        separate = self.critic_mesh is not self.mesh
         self.programs = PPOPrograms(policy_graph=self._graphs["policy"], critic_graph=self._graphs["critic"],
                                     ref_graph=self._graphs["ref"], rm_graph=self._graphs["rm"],
                                     txs=(ptx, ctx), schedules=(psched, csched), settings=settings,
-                                    updates_per_iteration=updates_per_iter, state_shardings=shardings)
+                                    updates_per_iteration=updates_per_iter,
+                                    policy_shardings=pinned(self.state.policy, self.state.policy_opt, self.mesh),
+                                    critic_shardings=pinned(self.state.critic, self.state.critic_opt, self.critic_mesh),
+                                    policy_mesh=self.mesh if separate else None,
+                                    critic_mesh=self.critic_mesh if separate else None)
 
     # ------------------------------------------------------------------ data
     def _datasets(self, train_dataset, eval_dataset) -> tuple[PPODataset, PPODataset]:

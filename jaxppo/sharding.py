@@ -62,6 +62,28 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
 
 
+def resolve_placement(placement: str, num_devices: int, platform: str) -> str:
+    """`train.placement` -> "colocated" or "separate". "auto" is separate on a CPU with an even
+    number >= 2 of devices (XLA:CPU runs one program's operations one at a time, so the policy's
+    and the critic's programs only share the cores when they run on different devices), else
+    colocated (an accelerator is kept busy by one model's kernels; FSDP over all of them)."""
+    if placement != "auto":
+        return placement
+    return "separate" if platform == "cpu" and num_devices >= 2 and num_devices % 2 == 0 else "colocated"
+
+
+def make_meshes(data: int, fsdp: int, placement: str, devices=None) -> tuple[Mesh, Mesh]:
+    """(policy mesh, critic mesh): the same mesh twice when colocated; with "separate" the first
+    half of the devices for the policy (and the reference and reward models), the second half for
+    the critic, each shaped data x fsdp."""
+    devices = list(jax.devices() if devices is None else devices)
+    if resolve_placement(placement, len(devices), devices[0].platform) != "separate":
+        mesh = make_mesh(data, fsdp, devices)
+        return mesh, mesh
+    half = len(devices) // 2
+    return make_mesh(data, fsdp, devices[:half]), make_mesh(data, fsdp, devices[half:])
+
+
 def path_str(path) -> str:
     """'policy.layers.0.attn.qkv.kernel.value' for a pytree key path."""
     parts = []

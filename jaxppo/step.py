@@ -1,18 +1,27 @@
-"""One PPO iteration as two jitted programs around the host's reward functions.
+"""One PPO iteration as a few jitted programs around the host's reward functions.
 
-    experience = programs.rollout(state, frozen, prompt_ids, prompt_mask)   # device
-    fn_scores  = reward functions on decoded text                          # host (optional)
-    state, metrics = programs.update(state, experience, fn_scores)         # device, state donated
+    experience = programs.rollout(state, frozen, prompt_ids, prompt_mask, key)   # device
+    fn_scores  = reward functions on decoded text                               # host (optional)
+    state, metrics = programs.update(state, experience, fn_scores)              # device, state donated
 
-`rollout`:  sample R tokens (KV cache) -> reference log-probs, critic values, reward-model
-            scores (no grad, optionally in micro-batches).
+`rollout`:  `rollout_policy` (sample R tokens with a KV cache, then reference log-probs and
+            reward-model scores, no grad, optionally in micro-batches) on the policy's devices,
+            then `values` (the critic's forward) on the critic's.
 `evaluate`: the same sampling and reference / reward-model forwards for held-out prompts, without
             the critic; one batch of any size (its own program, compiled once).
-`update`:   scores -> (missing-EOS penalty, clip, running normalisation) -> shape_rewards
-            -> gae -> whiten -> ppo_update -> KL controller. An optimiser step whose loss or
-            gradients are not finite is skipped inside the program (`ppo_update`); an iteration
-            with any skipped step leaves the KL controller and reward statistics as they were
-            and reports `nonfinite` = 1 (the trainer logs it and stops after a streak).
+`update`:   `prepare` (scores -> missing-EOS penalty, clip, running normalisation -> shape_rewards
+            -> gae -> whiten) -> `policy_update` and `critic_update` (each model's E x M optimiser
+            steps, `update.model_update`) -> `finish` (metrics, KL controller). An optimiser step
+            whose loss or gradients are not finite is skipped for that model; an iteration with any
+            skipped step leaves the KL controller and reward statistics as they were and reports
+            `nonfinite` = 1 (the trainer logs it and stops after a streak).
+
+Placement (`train.placement`): with "separate" the critic and its optimiser state live on devices
+of their own, so `critic_update` (and `values`) run beside the policy's programs instead of after
+them; XLA:CPU runs one program's operations one at a time, so on a CPU this is what puts two cores
+to work on the two models at once. The batch rows cross between the two device sets (a few KB);
+the parameters never do. With "colocated" every program runs on the same devices, one after the
+other. `rollout` and `update` only dispatch: the host never waits inside them.
 
 Keys: the state holds a base key that never changes; iteration `step` uses
 `fold_in(base, step)`, split once into the sampling key and the permutation key, so a resumed
@@ -22,6 +31,7 @@ run draws exactly the keys an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -34,7 +44,9 @@ from jaxppo.masked import masked_mean, masked_whiten
 from jaxppo.models.transformer import last_token_index
 from jaxppo.optim import current_lr
 from jaxppo.rollout import SamplingParams, sample
-from jaxppo.update import PPOBatch, UpdateSettings, ppo_update, response_logprobs, response_values
+from jaxppo.sharding import batch_sharding, replicated
+from jaxppo.update import (CRITIC, POLICY, PPOBatch, UpdateSettings, model_update, response_logprobs,
+                           response_values, update_metrics)
 
 
 @struct.dataclass
@@ -111,40 +123,55 @@ class PPOPrograms:
     """The compiled phases of an iteration, built once per trainer (one compile each)."""
 
     def __init__(self, *, policy_graph, critic_graph, ref_graph, rm_graph, txs, schedules,
-                 settings: StepSettings, updates_per_iteration: int, state_shardings=None):
+                 settings: StepSettings, updates_per_iteration: int, policy_shardings=None,
+                 critic_shardings=None, policy_mesh=None, critic_mesh=None):
+        """policy_shardings / critic_shardings: (params, optimiser state) shardings of each model,
+        which its update program pins its outputs to (None: one device, nothing to pin).
+        policy_mesh / critic_mesh: set when the critic sits on devices of its own
+        (`train.placement`): batch rows and scalars then cross between the two."""
         self.graphs = (policy_graph, critic_graph)
         self.ref_graph, self.rm_graph = ref_graph, rm_graph
         self.txs, self.schedules = tuple(txs), tuple(schedules)
         self.s = settings
         self.updates_per_iteration = updates_per_iteration
-        self.rollout = jax.jit(self._rollout)
+        self.meshes = None if critic_mesh is None or critic_mesh is policy_mesh else (policy_mesh, critic_mesh)
+        options = update_compiler_options()
+        self.rollout_policy = jax.jit(self._rollout_policy)
+        self.values = jax.jit(self._values)
         self.evaluate = jax.jit(self._evaluate)
-        self.sample_key = jax.jit(self._sample_key)
-        # pinning the state's output shardings to its input ones keeps one compiled program and
-        # the FSDP layout from iteration to iteration (None: single device, nothing to pin)
-        out = None if state_shardings is None else (state_shardings, None)
-        self.update = jax.jit(self._update, donate_argnames=("state",), out_shardings=out,
-                              compiler_options=update_compiler_options())
+        self.keys = jax.jit(self._sample_key)
+        self.prepare = jax.jit(self._prepare)
+        self.policy_update = jax.jit(functools.partial(self._model_update, POLICY), donate_argnums=(0, 1),
+                                     out_shardings=None if policy_shardings is None else
+                                     (*policy_shardings, None), compiler_options=options)
+        self.critic_update = jax.jit(functools.partial(self._model_update, CRITIC), donate_argnums=(0, 1),
+                                     out_shardings=None if critic_shardings is None else
+                                     (*critic_shardings, None), compiler_options=options)
+        self.finish = jax.jit(self._finish)
+
+    def programs(self) -> dict:
+        """Every jitted program by name (for compile counts and HLO dumps)."""
+        return {"rollout_policy": self.rollout_policy, "values": self.values, "prepare": self.prepare,
+                "policy_update": self.policy_update, "critic_update": self.critic_update,
+                "finish": self.finish, "evaluate": self.evaluate, "keys": self.keys}
 
     # ------------------------------------------------------------------ keys
     @staticmethod
-    def iteration_keys(state: TrainState):
-        return jax.random.split(jax.random.fold_in(state.rng, state.step))
+    def iteration_keys(rng, step):
+        """(sampling key, permutation key) of iteration `step`."""
+        return jax.random.split(jax.random.fold_in(rng, step))
 
     # ------------------------------------------------------------------ rollout
-    def _score_forwards(self, critic_params, frozen: Frozen, response_len: int):
-        """forwards(tokens, attn, response, resp_mask) -> (ref log-probs, values, RM scores);
-        values are None when `critic_params` is None (evaluation)."""
+    def _score_forwards(self, frozen: Frozen, response_len: int):
+        """forwards(tokens, attn, response, resp_mask) -> (ref log-probs, RM scores)."""
         R = response_len
         ref = nnx.merge(self.ref_graph, frozen.ref)
-        critic = None if critic_params is None else nnx.merge(self.graphs[1], critic_params)
         rm = None if self.rm_graph is None else nnx.merge(self.rm_graph, frozen.reward_model)
         T = self.s.sampling.temperature or 1.0
 
         def forwards(tokens, attn, response, resp_mask):
             ref_logprobs, _ = response_logprobs(ref, tokens, attn, response, T,
                                                 chunk_bytes=self.s.update.logits_chunk_bytes)
-            values = None if critic is None else response_values(critic, tokens, attn, R).astype(jnp.float32)
             if rm is None:
                 scores = jnp.zeros(tokens.shape[:1], jnp.float32)
             else:
@@ -152,41 +179,108 @@ class PPOPrograms:
                 full_mask = jnp.concatenate([attn[:, :-R], resp_mask.astype(attn.dtype)], axis=1)
                 last = last_token_index(full_mask)
                 scores = rm(tokens, full_mask, outputs_at=last[:, None])[:, 0].astype(jnp.float32)
-            return ref_logprobs, values, scores
+            return ref_logprobs, scores
 
         return forwards
 
-    def _sample_key(self, state: TrainState):
-        return self.iteration_keys(state)[0]
+    @staticmethod
+    def _sample_key(rng, step):
+        return PPOPrograms.iteration_keys(rng, step)[0]
 
-    def _sample_and_score(self, policy_params, critic_params, frozen: Frozen, prompt_ids, prompt_mask, key):
-        """Sample, then the no-grad forwards: (sample output, attention mask, ref log-probs,
-        values or None without `critic_params`, RM scores)."""
+    def sample_key(self, state: TrainState):
+        """The sampling key of the iteration `state` is at."""
+        return self.keys(state.rng, state.step)
+
+    def _sample_and_score(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key):
+        """Sample, then the reference and reward-model forwards (no grad): (sample output,
+        attention mask, ref log-probs, RM scores)."""
         policy = nnx.merge(self.graphs[0], policy_params)
         out = sample(policy, prompt_ids, prompt_mask, key, self.s.sampling)
         attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
-        forwards = self._score_forwards(critic_params, frozen, out.response.shape[1])
-        ref_logprobs, values, scores = _chunked(forwards, self.s.forward_batch_size,
-                                                out.tokens, attn, out.response, out.mask)
-        return out, attn, ref_logprobs, values, scores
+        forwards = self._score_forwards(frozen, out.response.shape[1])
+        ref_logprobs, scores = _chunked(forwards, self.s.forward_batch_size,
+                                           out.tokens, attn, out.response, out.mask)
+        return out, attn, ref_logprobs, scores
 
-    def _rollout(self, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key):
-        out, attn, ref_logprobs, values, scores = self._sample_and_score(
-            state.policy, state.critic, frozen, prompt_ids, prompt_mask, key)
+    def _rollout_policy(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key):
+        """The rollout's work on the policy's devices: an Experience without the critic's values."""
+        out, attn, ref_logprobs, scores = self._sample_and_score(policy_params, frozen, prompt_ids, prompt_mask, key)
         return Experience(tokens=out.tokens, attention_mask=attn, response=out.response, mask=out.mask,
                           logprobs=out.logprobs, ref_logprobs=ref_logprobs * out.mask,
-                          values=values * out.mask, rm_scores=scores, num_steps=out.num_steps)
+                          values=jnp.zeros_like(out.logprobs), rm_scores=scores, num_steps=out.num_steps)
+
+    def _values(self, critic_params, tokens, attention_mask, mask):
+        """The critic's values of a sampled batch `[B, R]` (0 on padding), on the critic's devices."""
+        R = mask.shape[1]
+        critic = nnx.merge(self.graphs[1], critic_params)
+        values = _chunked(lambda t, a: response_values(critic, t, a, R).astype(jnp.float32),
+                          self.s.forward_batch_size, tokens, attention_mask)
+        return values * mask
+
+    def _move(self, rows, scalars, to: int):
+        """Batch-row arrays (split over the batch axes) and scalars / keys (replicated) onto the
+        policy's (0) or the critic's (1) mesh; unchanged when both models share their devices."""
+        if self.meshes is None:
+            return rows, scalars
+        mesh = self.meshes[to]
+        rows = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), rows)
+        return rows, jax.device_put(scalars, replicated(mesh))
+
+    def rollout(self, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key) -> Experience:
+        """Sample and score a batch: the policy-side program (sampling, reference and reward-model
+        forwards), then the critic's values on its own devices. Dispatch only: no host sync."""
+        exp = self.rollout_policy(state.policy, frozen, prompt_ids, prompt_mask, key)
+        (tokens, attn, mask), _ = self._move((exp.tokens, exp.attention_mask, exp.mask), (), to=1)
+        values, _ = self._move(self.values(state.critic, tokens, attn, mask), (), to=0)
+        return exp.replace(values=values)
 
     def _evaluate(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key) -> EvalOutput:
         """Sample with `key` (fixed by the caller) and score: what `evaluate` reports, nothing more."""
-        out, _, ref_logprobs, _, scores = self._sample_and_score(
-            policy_params, None, frozen, prompt_ids, prompt_mask, key)
+        out, _, ref_logprobs, scores = self._sample_and_score(policy_params, frozen, prompt_ids, prompt_mask, key)
         kl = ((out.logprobs - ref_logprobs) * out.mask).sum(-1)
         return EvalOutput(response=out.response, mask=out.mask, kl=kl, rm_scores=scores)
 
     # ------------------------------------------------------------------ update
-    def _update(self, state: TrainState, exp: Experience, fn_scores):
+    def update(self, state: TrainState, exp: Experience, fn_scores):
+        """One PPO update: `prepare` (rewards, GAE, advantages) -> the policy's and the critic's
+        optimiser steps (two programs; side by side when the critic has devices of its own) ->
+        `finish` (metrics, KL controller). The state is donated. Dispatch only: no host sync."""
+        small = (state.kl, state.reward_moments, state.rng, state.step)
+        batch, perm_key, plateau_value, aux = self.prepare(small, exp, fn_scores)
+        count = state.step * self.updates_per_iteration
+        policy, policy_opt, psums = self.policy_update(state.policy, state.policy_opt, batch, perm_key,
+                                                       plateau_value, count)
+        cbatch, (ckey, cplateau, ccount) = self._move(batch, (perm_key, plateau_value, count), to=1)
+        critic, critic_opt, csums = self.critic_update(state.critic, state.critic_opt, cbatch, ckey,
+                                                       cplateau, ccount)
+        _, csums = self._move((), csums, to=0)
+        kl, moments, metrics = self.finish(small, aux, psums, csums)
+        return state.replace(policy=policy, critic=critic, policy_opt=policy_opt, critic_opt=critic_opt,
+                             kl=kl, reward_moments=moments, step=state.step + 1), metrics
+
+    def lower(self, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key, exp: Experience,
+              fn_scores) -> dict:
+        """The rollout's and the update's programs lowered with the arguments `rollout` and
+        `update` pass them (for HLO dumps and `memory_analysis()`); nothing is donated or run
+        except the small `prepare`, whose outputs the update programs take."""
+        lowered = {"rollout_policy": self.rollout_policy.lower(state.policy, frozen, prompt_ids, prompt_mask, key)}
+        (tokens, attn, mask), _ = self._move((exp.tokens, exp.attention_mask, exp.mask), (), to=1)
+        lowered["values"] = self.values.lower(state.critic, tokens, attn, mask)
+        small = (state.kl, state.reward_moments, state.rng, state.step)
+        lowered["prepare"] = self.prepare.lower(small, exp, fn_scores)
+        batch, perm_key, plateau_value, _ = self.prepare(small, exp, fn_scores)
+        count = state.step * self.updates_per_iteration
+        lowered["policy_update"] = self.policy_update.lower(state.policy, state.policy_opt, batch, perm_key,
+                                                            plateau_value, count)
+        cbatch, scalars = self._move(batch, (perm_key, plateau_value, count), to=1)
+        lowered["critic_update"] = self.critic_update.lower(state.critic, state.critic_opt, cbatch, *scalars)
+        return lowered
+
+    def _prepare(self, small, exp: Experience, fn_scores):
+        """Scores -> shaped rewards -> GAE -> (whitened) advantages: the PPOBatch both models train
+        on, the permutation key, the plateau value, and what `finish` reports."""
         s = self.s
+        kl_state, moments, rng, step = small
         mask = exp.mask
         scores = exp.rm_scores + fn_scores.astype(jnp.float32)                # [B]
         raw_scores = scores
@@ -195,12 +289,11 @@ class PPOPrograms:
             scores = rw.missing_eos_penalty(scores, has_eos, s.missing_eos_penalty)
         if s.reward_clip:
             scores = rw.clip_rewards(scores, s.reward_clip)
-        moments = state.reward_moments
         if s.normalize_rewards:
             moments = rw.update_running_moments(moments, scores)
             scores = rw.normalize_scores(moments, scores)
 
-        kl_coef = state.kl.value
+        kl_coef = kl_state.value
         rewards, kl = rw.shape_rewards(scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef, s.kl_estimator)
         advantages, returns = gae(rewards, exp.values, mask, s.gamma, s.lam)
         if s.whiten_advantages:
@@ -218,45 +311,56 @@ class PPOPrograms:
             "objective/rlhf_reward": (non_score + scores).mean(),
             "objective/scores": raw_scores.mean(),
         }
-        plateau_value = None
+        plateau_value = jnp.float32(0)
         if s.plateau_metric is not None:
             plateau_value = s.plateau_sign * objective[s.plateau_metric]
-
-        perm_key = self.iteration_keys(state)[1]
-        params, opts, upd = ppo_update(self.graphs, (state.policy, state.critic),
-                                       (state.policy_opt, state.critic_opt), batch, perm_key,
-                                       self.txs, s.update, plateau_value)
-        if s.adaptive_kl is not None:
-            target, horizon = s.adaptive_kl
-            new_kl = rw.adaptive_kl_update(state.kl, kl_seq.mean(), exp.tokens.shape[0], target, horizon)
-        else:
-            new_kl = state.kl
-
-        new_state = state.replace(policy=params[0], critic=params[1], policy_opt=opts[0],
-                                  critic_opt=opts[1], kl=new_kl, reward_moments=moments,
-                                  step=state.step + 1)
-        # Skipped optimiser steps left the weights and Adam moments alone (no copy of them is kept to
-        # restore). The small state follows the whole iteration: kept only when every step counted.
-        finite = (upd["nonfinite_steps"] == 0) & _all_finite((upd["loss/policy_avg"], upd["loss/value_avg"]))
-        small = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                             (new_kl, moments), (state.kl, state.reward_moments))
-        kept = new_state.replace(kl=small[0], reward_moments=small[1])
-
-        count = state.step * self.updates_per_iteration
         metrics = {
-            **objective, **upd,
+            **objective,
             "val/num_eos_tokens": has_eos.sum().astype(jnp.float32),
             "val/mean_values": masked_mean(exp.values, mask),
             "val/mean_returns": masked_mean(returns, mask),
             "response_length": mask.sum(-1).mean(),
-            "lr": current_lr(self.schedules[0], state.policy_opt, count),
-            "lr_critic": current_lr(self.schedules[1], state.critic_opt, count),
             "kl_coef": kl_coef,
-            "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         if s.normalize_rewards:
             metrics["objective/scores_normalized"] = scores.mean()
-        return kept, metrics
+        aux = {"metrics": metrics, "moments": moments, "kl_seq_mean": kl_seq.mean(),
+               "batch_size": jnp.float32(exp.tokens.shape[0])}
+        return batch, self.iteration_keys(rng, step)[1], plateau_value, aux
+
+    def _model_update(self, kind, params, opt_state, batch, perm_key, plateau_value, count):
+        """One model's E x M optimiser steps (`update.model_update`), and the learning rate they
+        started from (a metric)."""
+        i = 0 if kind == POLICY else 1
+        lr = current_lr(self.schedules[i], opt_state, count)
+        params, opt_state, sums = model_update(kind, self.graphs[i], params, opt_state, batch, perm_key,
+                                               self.txs[i], self.s.update,
+                                               plateau_value if self.s.plateau_metric is not None else None)
+        return params, opt_state, {**sums, "lr": lr}
+
+    def _finish(self, small, aux, psums, csums):
+        """Metrics, and the KL controller and reward statistics, which follow the iteration only when
+        every optimiser step of both models counted."""
+        kl_state, old_moments, _, _ = small
+        s = self.s
+        upd = update_metrics(psums, csums)
+        if s.adaptive_kl is not None:
+            target, horizon = s.adaptive_kl
+            new_kl = rw.adaptive_kl_update(kl_state, aux["kl_seq_mean"], aux["batch_size"], target, horizon)
+        else:
+            new_kl = kl_state
+        # Skipped optimiser steps left the weights and Adam moments alone (no copy of them is kept to
+        # restore). The small state follows the whole iteration: kept only when every step counted.
+        finite = (upd["nonfinite_steps"] == 0) & _all_finite((upd["loss/policy_avg"], upd["loss/value_avg"]))
+        kl, moments = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (new_kl, aux["moments"]), (kl_state, old_moments))
+        metrics = {
+            **aux["metrics"], **upd,
+            "lr": psums["lr"],
+            "lr_critic": csums["lr"],
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
+        }
+        return kl, moments, metrics
 
 
 def update_compiler_options() -> dict | None:

@@ -1,13 +1,18 @@
 """The PPO update: epochs ⊃ minibatches ⊃ micro-batches as nested `lax.scan`.
 
-One call does `epochs x num_minibatches` optimiser steps for the policy and the critic over one
-rollout batch (Schulman et al. 2017, as in TRL's PPOTrainer):
+`epochs x num_minibatches` optimiser steps for the policy and for the critic over one rollout
+batch (Schulman et al. 2017, as in TRL's PPOTrainer):
 
     for epoch:                                    # a fresh permutation of the B rows
         for minibatch (B / M rows):
             g = sum over micro-batches of  d/dθ [ Σ pg_tok + vf_coef Σ vf_tok - ent_coef Σ ent_tok ] / N
             θ <- optax step(g)                    # N = valid tokens in the whole minibatch
-                                                  # (skipped if the loss or g is not finite)
+                                                  # (skipped if that model's loss or g is not finite)
+
+The policy and the critic share no parameters, so each model's gradient of that objective is the
+gradient of its own terms: `model_update` runs one model's steps, and the trainer compiles one
+program per model, which run side by side when the two models sit on different devices
+(`train.placement`). Both draw their minibatches from the same key, so they see the same rows.
 
 Dividing the micro-batch token sums by the minibatch's token count N makes gradient accumulation
 exact: the summed gradient equals the gradient of the big minibatch's token mean, whatever the
@@ -19,6 +24,7 @@ Metrics are token-weighted means over every minibatch of every epoch, not the la
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -104,104 +110,132 @@ def response_values(model, tokens, attention_mask, response_len: int):
     return model(tokens, attention_mask, outputs_at=rows)
 
 
-def _micro_loss(params, graphdefs, mb: PPOBatch, n_tokens, s: UpdateSettings):
-    policy = nnx.merge(graphdefs[0], params[0])
-    critic = nnx.merge(graphdefs[1], params[1])
+POLICY, CRITIC = "policy", "critic"
+_SUMS = {POLICY: ("pg_loss", "pg_clipfrac", "approxkl", "ratio", "entropy", "tokens"),
+         CRITIC: ("vf_loss", "vf_clipfrac", "tokens")}
+
+
+def _micro_loss(kind: str, params, graphdef, mb: PPOBatch, n_tokens, s: UpdateSettings):
+    """One model's share of the PPO objective on a micro-batch, divided by the minibatch's token
+    count: the policy's `(Σ pg_tok - ent_coef Σ ent_tok) / N`, the critic's `vf_coef Σ vf_tok / N`.
+    The two share no parameters, so each model's gradient of the joint objective is the gradient of
+    its own share. Returns (loss, token sums for the metrics)."""
+    model = nnx.merge(graphdef, params)
     R = mb.response.shape[1]
-    logprobs, ent = response_logprobs(policy, mb.tokens, mb.attention_mask, mb.response, s.temperature,
+    if kind == CRITIC:
+        values = response_values(model, mb.tokens, mb.attention_mask, R)
+        _, vf = value_loss(values, mb.old_values, mb.returns, mb.mask, s.clip_value)
+        sums = {"vf_loss": vf["loss_sum"], "vf_clipfrac": vf["clipfrac_sum"], "tokens": vf["count"]}
+        return s.vf_coef * vf["loss_sum"] / n_tokens, sums
+    logprobs, ent = response_logprobs(model, mb.tokens, mb.attention_mask, mb.response, s.temperature,
                                       entropy=True, chunk_bytes=s.logits_chunk_bytes)
-    values = response_values(critic, mb.tokens, mb.attention_mask, R)
     _, pg = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, s.clip_eps)
-    _, vf = value_loss(values, mb.old_values, mb.returns, mb.mask, s.clip_value)
     if not s.ent_coef:
         ent = jax.lax.stop_gradient(ent)              # a metric only: no backward through the softmax
     ent_sum = masked_sum(ent, mb.mask)
-    total = (pg["loss_sum"] + s.vf_coef * vf["loss_sum"] - s.ent_coef * ent_sum) / n_tokens
-    sums = {
-        "pg_loss": pg["loss_sum"], "pg_clipfrac": pg["clipfrac_sum"], "approxkl": pg["approxkl_sum"],
-        "ratio": pg["ratio_sum"], "vf_loss": vf["loss_sum"], "vf_clipfrac": vf["clipfrac_sum"],
-        "entropy": ent_sum, "tokens": pg["count"],
-    }
-    return total, sums
+    sums = {"pg_loss": pg["loss_sum"], "pg_clipfrac": pg["clipfrac_sum"], "approxkl": pg["approxkl_sum"],
+            "ratio": pg["ratio_sum"], "entropy": ent_sum, "tokens": pg["count"]}
+    return (pg["loss_sum"] - s.ent_coef * ent_sum) / n_tokens, sums
 
 
 def _take(batch: PPOBatch, idx):
     return jax.tree.map(lambda x: x[idx], batch)
 
 
-def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: UpdateSettings,
-               plateau_value=None):
-    """Run all epochs and minibatches. Pure; jit it (the trainer does, in `step.py`).
+def minibatch_permutations(key, batch_size: int, s: UpdateSettings) -> jax.Array:
+    """`[epochs, M, B/M]` row indices: a fresh permutation of the B rows per epoch. Both models'
+    updates draw them from the same key, so they step through the same minibatches."""
+    perms = [jax.random.permutation(k, batch_size) for k in jax.random.split(key, s.epochs)]
+    return jnp.stack(perms).reshape(s.epochs, s.num_minibatches, batch_size // s.num_minibatches)
 
-    graphdefs, params, opt_states, txs: pairs (policy, critic).
-    Returns (params, opt_states, metrics) with metrics token-weighted over all minibatches.
+
+def model_update(kind: str, graphdef, params, opt_state, batch: PPOBatch, key, tx, s: UpdateSettings,
+                 plateau_value=None):
+    """All epochs and minibatches of one model's optimiser steps (`kind`: "policy" or "critic").
+    Pure; jit it (the trainer does, in `step.py`, one program per model).
+
+    A step whose loss or gradient is not finite is skipped: the weights and the optimiser state
+    stay as they were (`optax.apply_if_finite`'s rule, decided before the step so that XLA can
+    update every weight in place). Returns (params, opt_state, sums): each sum `[epochs, M]`,
+    with `grad_norm` and `skipped` per step.
     """
     B = batch.tokens.shape[0]
     M, A = s.num_minibatches, s.grad_accum_steps
     if B % (M * A):
         raise ValueError(f"batch {B} must divide into {M} minibatches x {A} micro-batches")
-    mb_size, micro = B // M, B // (M * A)
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    micro = B // (M * A)
+    grad_fn = jax.value_and_grad(functools.partial(_micro_loss, kind), has_aux=True)
     extra = {} if plateau_value is None else {"value": plateau_value}
+    tx = optax.with_extra_args_support(tx)
 
-    def minibatch_step(carry, idx):                      # idx [mb_size]
-        params, opt_states = carry
+    def minibatch_step(carry, idx):                      # idx [B/M]
+        params, opt_state = carry
         mb = _take(batch, idx)
         n_tokens = jnp.maximum(mb.mask.sum(), 1.0)
         micro_batches = jax.tree.map(lambda x: x.reshape((A, micro) + x.shape[1:]), mb)  # [A, micro, ...]
 
         def accumulate(acc, mbi):
-            (_, sums), grads = grad_fn(params, graphdefs, mbi, n_tokens, s)
+            (_, sums), grads = grad_fn(params, graphdef, mbi, n_tokens, s)
             return jax.tree.map(jnp.add, acc, (grads, sums)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params),
-                 {k: jnp.float32(0) for k in ("pg_loss", "pg_clipfrac", "approxkl", "ratio", "vf_loss",
-                                               "vf_clipfrac", "entropy", "tokens")})
+        zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.float32(0) for k in _SUMS[kind]})
         if A == 1:
             (grads, sums), _ = accumulate(zeros, jax.tree.map(lambda x: x[0], micro_batches))
         else:
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
-        norms = [global_norm(g) for g in grads]
-        finite = jnp.all(jnp.isfinite(jnp.stack([*norms, sums["pg_loss"], sums["vf_loss"]])))
+        norm = global_norm(grads)
+        loss_sum = sums["pg_loss" if kind == POLICY else "vf_loss"]
+        finite = jnp.isfinite(norm) & jnp.isfinite(loss_sum)
 
         def apply(operands):
-            params, opt_states, grads = operands
-            new_params, new_opts = [], []
-            for p, g, o, tx, norm in zip(params, grads, opt_states, txs, norms):
-                # the norm goes to optim.clip_by_global_norm (computed once); other transforms ignore it
-                updates, o = optax.with_extra_args_support(tx).update(g, o, p, grad_norm=norm, **extra)
-                new_params.append(optax.apply_updates(p, updates))
-                new_opts.append(o)
-            return tuple(new_params), tuple(new_opts)
+            params, opt_state, grads = operands
+            # the norm goes to optim.clip_by_global_norm (computed once); other transforms ignore it
+            updates, opt_state = tx.update(grads, opt_state, params, grad_norm=norm, **extra)
+            return optax.apply_updates(params, updates), opt_state
 
-        # A step with a non-finite loss or gradient leaves both models and their optimiser states
-        # as they were. Deciding before the step (rather than restoring afterwards) lets XLA update
-        # every weight and moment in place: no second copy of the training state is kept.
-        carry = jax.lax.cond(finite, apply, lambda ops: ops[:2], (tuple(params), tuple(opt_states), grads))
-        sums["grad_norm_policy"], sums["grad_norm_critic"] = norms
+        carry = jax.lax.cond(finite, apply, lambda ops: ops[:2], (params, opt_state, grads))
+        sums["grad_norm"] = norm
         sums["skipped"] = 1.0 - finite.astype(jnp.float32)
         return carry, sums
 
-    def epoch_step(carry, epoch_key):
-        perm = jax.random.permutation(epoch_key, B).reshape(M, mb_size)   # [M, B/M]
+    def epoch_step(carry, perm):                         # perm [M, B/M]
         return jax.lax.scan(minibatch_step, carry, perm)
 
-    (params, opt_states), sums = jax.lax.scan(
-        epoch_step, (tuple(params), tuple(opt_states)), jax.random.split(key, s.epochs))
-    # sums: each leaf [epochs, M]; a step skipped for a non-finite loss makes these means non-finite too
-    n = jnp.maximum(sums["tokens"].sum(), 1.0)
-    mean = {k: sums[k].sum() / n for k in ("pg_loss", "pg_clipfrac", "approxkl", "ratio", "vf_loss",
-                                           "vf_clipfrac", "entropy")}
-    metrics = {
-        "loss/policy_avg": mean["pg_loss"],
-        "loss/value_avg": mean["vf_loss"],
-        "policy/approxkl_avg": mean["approxkl"],
-        "policy/clipfrac_avg": mean["pg_clipfrac"],
-        "policy/entropy_avg": mean["entropy"],
-        "val/clipfrac_avg": mean["vf_clipfrac"],
-        "val/ratio": mean["ratio"],
-        "policy/grad_norm": sums["grad_norm_policy"].mean(),
-        "val/grad_norm": sums["grad_norm_critic"].mean(),
-        "nonfinite_steps": sums["skipped"].sum(),
+    (params, opt_state), sums = jax.lax.scan(epoch_step, (params, opt_state),
+                                             minibatch_permutations(key, B, s))
+    return params, opt_state, sums
+
+
+def update_metrics(policy_sums, critic_sums) -> dict:
+    """The update's metrics from both models' per-step sums (`model_update`): token-weighted means
+    over every minibatch of every epoch, mean gradient norms, and `nonfinite_steps`, the optimiser
+    steps in which either model skipped."""
+    p, c = policy_sums, critic_sums
+    n = jnp.maximum(p["tokens"].sum(), 1.0)
+    mean = lambda x: x.sum() / n
+    return {
+        "loss/policy_avg": mean(p["pg_loss"]),
+        "loss/value_avg": mean(c["vf_loss"]),
+        "policy/approxkl_avg": mean(p["approxkl"]),
+        "policy/clipfrac_avg": mean(p["pg_clipfrac"]),
+        "policy/entropy_avg": mean(p["entropy"]),
+        "val/clipfrac_avg": mean(c["vf_clipfrac"]),
+        "val/ratio": mean(p["ratio"]),
+        "policy/grad_norm": p["grad_norm"].mean(),
+        "val/grad_norm": c["grad_norm"].mean(),
+        "nonfinite_steps": jnp.maximum(p["skipped"], c["skipped"]).sum(),
     }
-    return params, opt_states, metrics
+
+
+def ppo_update(graphdefs, params, opt_states, batch: PPOBatch, key, txs, s: UpdateSettings,
+               plateau_value=None):
+    """Both models' updates (`model_update`) and their metrics (`update_metrics`) in one call.
+
+    graphdefs, params, opt_states, txs: pairs (policy, critic).
+    Returns (params, opt_states, metrics). The trainer runs the two models as two programs, on
+    their own devices when the placement is "separate" (`step.PPOPrograms`).
+    """
+    out = [model_update(kind, g, p, o, batch, key, tx, s, plateau_value)
+           for kind, g, p, o, tx in zip((POLICY, CRITIC), graphdefs, params, opt_states, txs)]
+    (pp, po, ps), (cp, co, cs) = out
+    return (pp, cp), (po, co), update_metrics(ps, cs)

@@ -173,10 +173,16 @@ def test_batch_not_divisible_by_minibatches(files, tmp_path, capsys):
 def test_batch_not_divisible_by_devices(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 3)      # checked before any model is loaded
     cli_error(capsys, args(files, tmp_path), "train.batch_size=4", "number of devices (3)")
+    cli_error(capsys, args(files, tmp_path, "train.placement=separate"), "train.placement=separate",
+              "even number of devices", "found 3")
     monkeypatch.setattr(jax, "device_count", lambda: 2)
-    cli_error(capsys, args(files, tmp_path, "train.eval_batch_size=3"), "train.eval_batch_size=3", "devices (2)")
-    cli_error(capsys, args(files, tmp_path, "train.mesh_data=3", "train.mesh_fsdp=1"),
+    cli_error(capsys, args(files, tmp_path, "train.eval_batch_size=3", "train.placement=colocated"),
+              "train.eval_batch_size=3", "devices (2)")
+    cli_error(capsys, args(files, tmp_path, "train.mesh_data=3", "train.mesh_fsdp=1", "train.placement=colocated"),
               "train.mesh_data=3 x train.mesh_fsdp=1", "2 device(s)")
+    # placement auto on a CPU: each model gets one of the two devices
+    cli_error(capsys, args(files, tmp_path, "train.mesh_data=2", "train.mesh_fsdp=1"),
+              "train.mesh_data=2 x train.mesh_fsdp=1", "1 device(s) per model")
     assert not (tmp_path / "run").exists()
 
 

@@ -19,12 +19,12 @@ SCRIPT = textwrap.dedent("""
     from jaxppo.config import load_config
     from jaxppo.trainer import PPOTrainer
     from jaxppo.sharding import path_str
-    out_dir, prompts = sys.argv[1], sys.argv[2]
+    out_dir, prompts, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     cfg = load_config(None, [
         "train.total_steps=2", "train.batch_size=8", "rollout.max_new_tokens=8", "ppo.epochs=2",
         "ppo.num_minibatches=1", "logging.progress_bar=false", "logging.tensorboard=false",
         "data.max_prompt_length=24", "data.eval_fraction=0.25", "train.eval_every=1", f"data.prompts={prompts}",
-        "optim.lr=1e-3", f"train.output_dir={out_dir}"])
+        "optim.lr=1e-3", f"train.output_dir={out_dir}", *overrides])
     t = PPOTrainer(cfg)
     t.train()
     specs = {}
@@ -40,18 +40,22 @@ SCRIPT = textwrap.dedent("""
     layout = json.load(open(f"{out_dir}/checkpoints/{step}/layout/metadata"))["leaves"]
     alone = sorted(e["name"] for e in layout if "group" not in e)
     evals = [json.loads(l) for l in open(f"{out_dir}/metrics.jsonl") if '"eval"' in l]
+    devices = lambda tree: sorted({d.id for x in jax.tree.leaves(tree) for d in x.sharding.device_set})
     print("RESULT " + json.dumps({"devices": jax.device_count(), "history": t.history, "specs": specs,
+                                  "policy_devices": devices((t.state.policy, t.state.policy_opt)),
+                                  "critic_devices": devices((t.state.critic, t.state.critic_opt)),
                                   "restored_same": same, "stored_alone": alone, "evals": evals,
                                   "eval_compiles": t.programs.evaluate._cache_size()}))
 """)
 
 
-def run_on(n_devices, tmp_path):
+def run_on(n_devices, tmp_path, *overrides):
     from jaxppo.tasks import demo_prompts
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(demo_prompts(16, seed=3)) + "\n")
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / f"run{n_devices}"), str(prompts)],
+    name = "-".join([f"run{n_devices}", *overrides]).replace("=", "_")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / name), str(prompts), *overrides],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
@@ -78,8 +82,10 @@ def test_make_mesh_sizes():
 @pytest.mark.slow
 def test_one_vs_eight_devices_same_metrics(tmp_path):
     one = run_on(1, tmp_path)
-    eight = run_on(8, tmp_path)
+    eight = run_on(8, tmp_path)        # placement auto on a CPU: policy on devices 0-3, critic on 4-7
     assert one["devices"] == 1 and eight["devices"] == 8
+    assert one["policy_devices"] == one["critic_devices"] == [0]
+    assert eight["policy_devices"] == [0, 1, 2, 3] and eight["critic_devices"] == [4, 5, 6, 7]
     # the parameters really are sharded on 8 devices
     assert "fsdp" in eight["specs"]["layers.0.attn.qkv.kernel.value"]
     assert "fsdp" in eight["specs"]["embed.embedding.value"]
@@ -99,3 +105,24 @@ def test_one_vs_eight_devices_same_metrics(tmp_path):
     for a, b in zip(one["history"], eight["history"]):
         for k in keys:
             np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=f"step {a['step']} {k}")
+
+
+@pytest.mark.slow
+def test_separate_placement_equals_colocated(tmp_path):
+    """Two devices: the critic and its optimiser state on device 1 (separate) or every leaf split
+    over both (colocated, FSDP): same metrics and evaluations, and each run's checkpoint restores
+    onto its own shardings."""
+    sep = run_on(2, tmp_path, "train.placement=separate")
+    col = run_on(2, tmp_path, "train.placement=colocated")
+    assert sep["policy_devices"] == [0] and sep["critic_devices"] == [1]
+    assert col["policy_devices"] == col["critic_devices"] == [0, 1]
+    assert sep["restored_same"] and col["restored_same"]
+    assert sep["eval_compiles"] == col["eval_compiles"] == 1
+    keys = ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "val/grad_norm",
+            "policy/grad_norm", "val/mean_values", "objective/rlhf_reward", "nonfinite_steps"]
+    assert len(sep["history"]) == len(col["history"]) == 2
+    for a, b in zip(col["history"], sep["history"]):
+        for k in keys:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=f"step {a['step']} {k}")
+    for a, b in zip(col["evals"], sep["evals"]):
+        np.testing.assert_allclose(b["objective/scores"], a["objective/scores"], rtol=1e-4, atol=1e-6)

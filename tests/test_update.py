@@ -41,6 +41,12 @@ def models_and_sgd(lr=1e-3):
     return (pg, cg), (pp, cp), txs
 
 
+def joint_loss(params, graphs, mb, n_tokens, s):
+    """The PPO objective of both models (each model's `_micro_loss` share, summed) and their sums."""
+    parts = [_micro_loss(kind, p, g, mb, n_tokens, s) for kind, p, g in zip(("policy", "critic"), params, graphs)]
+    return parts[0][0] + parts[1][0], {**parts[0][1], **parts[1][1]}
+
+
 def run_update(s: UpdateSettings, batch, lr=1e-3, key=0):
     graphs, params, txs = models_and_sgd(lr)
     opts = tuple(tx.init(p) for tx, p in zip(txs, params))
@@ -67,9 +73,9 @@ def test_mean_of_micro_means_would_differ():
     graphs, params, _ = models_and_sgd()
     s = UpdateSettings(temperature=0.7)
     total = jnp.maximum(batch.mask.sum(), 1.0)
-    full, _ = _micro_loss(params, graphs, batch, total, s)
+    full, _ = joint_loss(params, graphs, batch, total, s)
     halves = [jax.tree.map(lambda x: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
-    naive = sum(_micro_loss(params, graphs, h, h.mask.sum(), s)[0] for h in halves) / 2
+    naive = sum(joint_loss(params, graphs, h, h.mask.sum(), s)[0] for h in halves) / 2
     assert abs(float(full) - float(naive)) > 1e-4
 
 
@@ -78,9 +84,9 @@ def test_update_lowers_loss_on_fixed_batch():
     graphs, params, _ = models_and_sgd()
     s = UpdateSettings(epochs=4, num_minibatches=2, temperature=0.7, clip_eps=10.0, clip_value=10.0)
     n = batch.mask.sum()
-    before, _ = _micro_loss(params, graphs, batch, n, s)
+    before, _ = joint_loss(params, graphs, batch, n, s)
     new_params, _, metrics = run_update(s, batch, lr=3e-3)
-    after, _ = _micro_loss(new_params, graphs, batch, n, s)
+    after, _ = joint_loss(new_params, graphs, batch, n, s)
     assert float(after) < float(before) - 1e-3, (float(before), float(after))
     for k in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg",
               "val/clipfrac_avg", "val/ratio", "policy/entropy_avg"):
@@ -151,8 +157,9 @@ def test_global_norm_equals_optax_tree_norm():
 
 
 def test_a_non_finite_step_is_skipped_and_the_others_apply():
-    """One row's advantage is nan: the minibatch holding it skips its optimiser step (weights and
-    optimiser state untouched) and the other minibatch's step applies as if it were alone."""
+    """One row's advantage is nan: the policy skips the optimiser step of the minibatch holding it
+    (weights and optimiser state untouched) and the other minibatch's step applies as if it were
+    alone; the critic, whose loss does not read advantages, takes both steps."""
     batch = make_batch(4)
     batch = batch.replace(advantages=batch.advantages.at[0, 0].set(jnp.nan))
     s = UpdateSettings(epochs=1, num_minibatches=2, temperature=0.7)
@@ -162,7 +169,7 @@ def test_a_non_finite_step_is_skipped_and_the_others_apply():
     key = jax.random.PRNGKey(0)
     new_params, new_opts, m = jax.jit(lambda p, o, b: ppo_update(graphs, p, o, b, key, txs, s))(params, opts, batch)
     assert float(m["nonfinite_steps"]) == 1.0
-    assert [int(o[0].count) for o in new_opts] == [1, 1]      # Adam counted one step per model, not two
+    assert [int(o[0].count) for o in new_opts] == [1, 2]      # the policy's Adam counted one step, the critic's two
     assert not np.isfinite(float(m["loss/policy_avg"]))       # the skipped step's loss shows in the means
 
     perm = np.asarray(jax.random.permutation(jax.random.split(key, 1)[0], B)).reshape(2, B // 2)
@@ -170,12 +177,17 @@ def test_a_non_finite_step_is_skipped_and_the_others_apply():
     alone = jax.tree.map(lambda x: x[np.sort(clean)], batch)
     one = dataclasses.replace(s, num_minibatches=1)
     ref_params, _, _ = jax.jit(lambda p, o, b: ppo_update(graphs, p, o, b, key, txs, one))(params, opts, alone)
-    for a, b, p0 in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+    for a, b, p0 in zip(jax.tree.leaves(new_params[0]), jax.tree.leaves(ref_params[0]), jax.tree.leaves(params[0])):
         assert np.all(np.isfinite(np.asarray(a)))
         # Adam moves each weight by ~1e-3 per step; summation order differs between the two runs
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
     assert any(not np.array_equal(np.asarray(a), np.asarray(p0))
-               for a, p0 in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
+               for a, p0 in zip(jax.tree.leaves(new_params[0]), jax.tree.leaves(params[0])))
+    # the critic's two steps: as an update of the critic alone on the whole batch
+    full, _, _ = jax.jit(lambda p, o, b: ppo_update(graphs, p, o, b, key, txs, s))(
+        params, opts, batch.replace(advantages=jnp.nan_to_num(batch.advantages)))
+    for a, b in zip(jax.tree.leaves(new_params[1]), jax.tree.leaves(full[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _policy_objective(graph, batch, chunk_bytes, temperature=0.7):

@@ -201,6 +201,11 @@ class TrainConfig(_Section):
     num_samples_logged: int = _field(4, "generations written to samples.jsonl at each evaluation", ge=0)
     mesh_data: int = _field(1, "devices on the data-parallel mesh axis (-1 = all left over)", ge=-1)
     mesh_fsdp: int = _field(-1, "devices on the FSDP axis that shards params and optimizer state (-1 = all left over)", ge=-1)
+    placement: str = _field("auto",
+        "where the critic trains: colocated (on the policy's devices, after it), separate (the devices "
+        "split in two halves, policy and critic programs side by side; each half gets the mesh), auto "
+        "(separate on a CPU with an even number >= 2 of devices, else colocated)",
+        choices=("auto", "colocated", "separate"))
 
     def _validate(self) -> None:
         if not self.output_dir:
@@ -294,14 +299,24 @@ def describe_fields(cls: type = PPOConfig, prefix: str = "") -> list[tuple[str, 
     return rows
 
 
-def check_devices(config: PPOConfig, num_devices: int) -> None:
+def check_devices(config: PPOConfig, num_devices: int, platform: str = "cpu") -> None:
     """Raises ConfigError unless the device mesh and the batch sizes fit `num_devices` devices.
 
-    The mesh (train.mesh_data x train.mesh_fsdp, -1 = the devices left over) must use every device,
-    and each batch is split evenly over all of them: train.batch_size and train.eval_batch_size
-    must be multiples of the device count. Called by `PPOTrainer` before it loads any model.
+    With `train.placement` separate the devices split into two halves (policy, critic), and each
+    half gets the mesh. The mesh (train.mesh_data x train.mesh_fsdp, -1 = the devices left over)
+    must use every device of its half, and each batch is split evenly over them: train.batch_size
+    and train.eval_batch_size must be multiples of that count. Called by `PPOTrainer` before it
+    loads any model.
     """
-    t, n = config.train, int(num_devices)
+    from jaxppo.sharding import resolve_placement
+
+    t = config.train
+    if t.placement == "separate" and (num_devices < 2 or num_devices % 2):
+        raise ConfigError(f"train.placement=separate needs an even number of devices >= 2, found {num_devices} "
+                          "(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2)", keys=("train.placement",))
+    separate = resolve_placement(t.placement, num_devices, platform) == "separate"
+    n = int(num_devices) // (2 if separate else 1)
+    per_model = " per model, train.placement separate" if separate else ""
     data, fsdp = t.mesh_data, t.mesh_fsdp
     keys = ("train.mesh_data", "train.mesh_fsdp")
     for key, value in zip(keys, (data, fsdp)):
@@ -312,11 +327,12 @@ def check_devices(config: PPOConfig, num_devices: int) -> None:
                           "left over", keys=keys)
     used = data * fsdp if -1 not in (data, fsdp) else max(data, fsdp)
     if (-1 in (data, fsdp) and n % used) or (-1 not in (data, fsdp) and used != n):
-        raise ConfigError(f"train.mesh_data={data} x train.mesh_fsdp={fsdp} does not fit the {n} device(s): "
-                          f"the mesh must use them all", keys=keys)
+        raise ConfigError(f"train.mesh_data={data} x train.mesh_fsdp={fsdp} does not fit the {n} device(s)"
+                          f"{per_model}: the mesh must use them all", keys=keys)
     if t.batch_size % n:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of devices ({n}): "
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of devices ({n}{per_model}): "
                           "each device takes an equal share of every batch", keys=("train.batch_size",))
     if t.eval_batch_size is not None and t.eval_batch_size % n:
         raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is not divisible by the number of devices "
-                          f"({n}): each device takes an equal share of every batch", keys=("train.eval_batch_size",))
+                          f"({n}{per_model}): each device takes an equal share of every batch",
+                          keys=("train.eval_batch_size",))
