@@ -8,9 +8,9 @@ A random Qwen2-shaped policy and reward model (vocabulary 151,936, hidden 128, 2
 is nearly all of the model, as the logits are of the memory), made once under ~/.cache/jaxppo/;
 batch 16, 32 prompt + 128 response tokens, 1 epoch x 2 minibatches: one minibatch's float32
 logits are 594 MB. One JSON line per setting: the XLA scratch (`memory_analysis().temp_size_in_bytes`)
-of the two programs that hold logits (`rollout_policy`: sampling + reference and reward forwards;
-`policy_update`: the policy's optimiser steps), and the seconds of 3 updates and 3 rollouts after
-the first.
+of the programs that hold logits (the rollout's `sample` and `score`, reference and reward
+forwards, which run one after the other: the larger of the two; `policy_update`, the policy's
+optimiser steps), and the seconds of 3 updates and 3 rollouts after the first.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def measure(root: Path, chunk_mb: int) -> dict:
     scratch = lambda compiled: round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
     lowered = programs.lower(trainer.state, trainer.frozen, ids, mask, key, exp, zeros)
     out = {"logits_chunk_mb": chunk_mb or None,      # the programs that hold logits: sampling + scoring, the policy's steps
-           "rollout_scratch_mib": scratch(lowered["rollout_policy"].compile()),
+           "rollout_scratch_mib": max(scratch(lowered[name].compile()) for name in ("sample", "score")),
            "update_scratch_mib": scratch(lowered["policy_update"].compile()),
            "minibatch_logits_mib": round(B // 2 * R * VOCAB * 4 / 2**20, 1)}
     times = {"update_sec": [], "rollout_sec": []}

@@ -4,9 +4,9 @@
     fn_scores  = reward functions on decoded text                               # host (optional)
     state, metrics = programs.update(state, experience, fn_scores)              # device, state donated
 
-`rollout`:  `rollout_policy` (sample R tokens with a KV cache, then reference log-probs and
-            reward-model scores, no grad, optionally in micro-batches) on the policy's devices,
-            then `values` (the critic's forward) on the critic's.
+`rollout`:  `sample` (R tokens with a KV cache), then `score` (reference log-probs and
+            reward-model scores, no grad, optionally in micro-batches) on the policy's devices
+            and `values` (the critic's forward) on the critic's.
 `evaluate`: the same sampling and reference / reward-model forwards for held-out prompts, without
             the critic; one batch of any size (its own program, compiled once).
 `update`:   `prepare` (scores -> missing-EOS penalty, clip, running normalisation -> shape_rewards
@@ -136,7 +136,8 @@ class PPOPrograms:
         self.updates_per_iteration = updates_per_iteration
         self.meshes = None if critic_mesh is None or critic_mesh is policy_mesh else (policy_mesh, critic_mesh)
         options = update_compiler_options()
-        self.rollout_policy = jax.jit(self._rollout_policy)
+        self.sample = jax.jit(self._sample)
+        self.score = jax.jit(self._score)
         self.values = jax.jit(self._values)
         self.evaluate = jax.jit(self._evaluate)
         self.keys = jax.jit(self._sample_key)
@@ -151,7 +152,7 @@ class PPOPrograms:
 
     def programs(self) -> dict:
         """Every jitted program by name (for compile counts and HLO dumps)."""
-        return {"rollout_policy": self.rollout_policy, "values": self.values, "prepare": self.prepare,
+        return {"sample": self.sample, "score": self.score, "values": self.values, "prepare": self.prepare,
                 "policy_update": self.policy_update, "critic_update": self.critic_update,
                 "finish": self.finish, "evaluate": self.evaluate, "keys": self.keys}
 
@@ -191,23 +192,19 @@ class PPOPrograms:
         """The sampling key of the iteration `state` is at."""
         return self.keys(state.rng, state.step)
 
-    def _sample_and_score(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key):
-        """Sample, then the reference and reward-model forwards (no grad): (sample output,
-        attention mask, ref log-probs, RM scores)."""
+    def _sample(self, policy_params, prompt_ids, prompt_mask, key):
+        """Sample R tokens (KV cache): (sample output, attention mask of prompt + response)."""
         policy = nnx.merge(self.graphs[0], policy_params)
         out = sample(policy, prompt_ids, prompt_mask, key, self.s.sampling)
         attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
-        forwards = self._score_forwards(frozen, out.response.shape[1])
-        ref_logprobs, scores = _chunked(forwards, self.s.forward_batch_size,
-                                           out.tokens, attn, out.response, out.mask)
-        return out, attn, ref_logprobs, scores
+        return out, attn
 
-    def _rollout_policy(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key):
-        """The rollout's work on the policy's devices: an Experience without the critic's values."""
-        out, attn, ref_logprobs, scores = self._sample_and_score(policy_params, frozen, prompt_ids, prompt_mask, key)
-        return Experience(tokens=out.tokens, attention_mask=attn, response=out.response, mask=out.mask,
-                          logprobs=out.logprobs, ref_logprobs=ref_logprobs * out.mask,
-                          values=jnp.zeros_like(out.logprobs), rm_scores=scores, num_steps=out.num_steps)
+    def _score(self, frozen: Frozen, tokens, attn, response, mask):
+        """The reference and reward-model forwards of a sampled batch (no grad): (ref log-probs,
+        0 on padding, RM scores)."""
+        forwards = self._score_forwards(frozen, response.shape[1])
+        ref_logprobs, scores = _chunked(forwards, self.s.forward_batch_size, tokens, attn, response, mask)
+        return ref_logprobs * mask, scores
 
     def _values(self, critic_params, tokens, attention_mask, mask):
         """The critic's values of a sampled batch `[B, R]` (0 on padding), on the critic's devices."""
@@ -227,16 +224,22 @@ class PPOPrograms:
         return rows, jax.device_put(scalars, replicated(mesh))
 
     def rollout(self, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key) -> Experience:
-        """Sample and score a batch: the policy-side program (sampling, reference and reward-model
-        forwards), then the critic's values on its own devices. Dispatch only: no host sync."""
-        exp = self.rollout_policy(state.policy, frozen, prompt_ids, prompt_mask, key)
-        (tokens, attn, mask), _ = self._move((exp.tokens, exp.attention_mask, exp.mask), (), to=1)
-        values, _ = self._move(self.values(state.critic, tokens, attn, mask), (), to=0)
-        return exp.replace(values=values)
+        """Sample a batch, then score it: the reference and reward-model forwards on the policy's
+        devices and the critic's values on the critic's, side by side when those differ.
+        Dispatch only: no host sync."""
+        out, attn = self.sample(state.policy, prompt_ids, prompt_mask, key)
+        (tokens, cattn, mask), _ = self._move((out.tokens, attn, out.mask), (), to=1)
+        values = self.values(state.critic, tokens, cattn, mask)
+        ref_logprobs, scores = self.score(frozen, out.tokens, attn, out.response, out.mask)
+        values, _ = self._move(values, (), to=0)
+        return Experience(tokens=out.tokens, attention_mask=attn, response=out.response, mask=out.mask,
+                          logprobs=out.logprobs, ref_logprobs=ref_logprobs, values=values, rm_scores=scores,
+                          num_steps=out.num_steps)
 
     def _evaluate(self, policy_params, frozen: Frozen, prompt_ids, prompt_mask, key) -> EvalOutput:
         """Sample with `key` (fixed by the caller) and score: what `evaluate` reports, nothing more."""
-        out, _, ref_logprobs, scores = self._sample_and_score(policy_params, frozen, prompt_ids, prompt_mask, key)
+        out, attn = self._sample(policy_params, prompt_ids, prompt_mask, key)
+        ref_logprobs, scores = self._score(frozen, out.tokens, attn, out.response, out.mask)
         kl = ((out.logprobs - ref_logprobs) * out.mask).sum(-1)
         return EvalOutput(response=out.response, mask=out.mask, kl=kl, rm_scores=scores)
 
@@ -263,7 +266,8 @@ class PPOPrograms:
         """The rollout's and the update's programs lowered with the arguments `rollout` and
         `update` pass them (for HLO dumps and `memory_analysis()`); nothing is donated or run
         except the small `prepare`, whose outputs the update programs take."""
-        lowered = {"rollout_policy": self.rollout_policy.lower(state.policy, frozen, prompt_ids, prompt_mask, key)}
+        lowered = {"sample": self.sample.lower(state.policy, prompt_ids, prompt_mask, key),
+                   "score": self.score.lower(frozen, exp.tokens, exp.attention_mask, exp.response, exp.mask)}
         (tokens, attn, mask), _ = self._move((exp.tokens, exp.attention_mask, exp.mask), (), to=1)
         lowered["values"] = self.values.lower(state.critic, tokens, attn, mask)
         small = (state.kl, state.reward_moments, state.rng, state.step)
