@@ -63,7 +63,7 @@ class BuildMixin:
     def _load_models(self):
         # bad input that needs no model: fail before loading (and, on accelerators, sharding) anything
         from jaxppo.config import check_devices
-        check_devices(self.config, jax.device_count(), jax.devices()[0].platform)
+        check_devices(self.config, jax.device_count(), jax.devices()[0].platform, jax.process_count())
         c = self.config.model
         dtype = _DTYPES[c.dtype]
         ref_dtype = _DTYPES[c.ref_dtype or c.dtype]

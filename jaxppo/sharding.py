@@ -4,6 +4,9 @@
     state = shard_tree(state, mesh)               # params + optimiser state: FSDP rules below
     ids = shard_batch(ids, mesh)                  # [B, ...] split over (data, fsdp)
 
+`make_meshes` gives the policy and the critic their meshes: the same one (`train.placement`
+colocated), or each a half of the devices (separate), so that their programs run side by side.
+
 The batch is split over both axes (every device holds B / n rows); parameters and their Adam
 moments are split over `fsdp` along one dimension chosen by the rules, and XLA's SPMD partitioner
 inserts the all-gathers (forward) and reduce-scatters (gradients). On one device everything is
@@ -62,14 +65,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
 
 
-def resolve_placement(placement: str, num_devices: int, platform: str) -> str:
-    """`train.placement` -> "colocated" or "separate". "auto" is separate on a CPU with an even
-    number >= 2 of devices (XLA:CPU runs one program's operations one at a time, so the policy's
-    and the critic's programs only share the cores when they run on different devices), else
-    colocated (an accelerator is kept busy by one model's kernels; FSDP over all of them)."""
+def resolve_placement(placement: str, num_devices: int, platform: str, num_processes: int = 1) -> str:
+    """`train.placement` -> "colocated" or "separate". "auto" is separate on one CPU process with
+    an even number >= 2 of devices (XLA:CPU runs one program's operations one at a time, so the
+    policy's and the critic's programs only share the cores when they run on different devices),
+    else colocated (an accelerator is kept busy by one model's kernels; FSDP over all of them)."""
     if placement != "auto":
         return placement
-    return "separate" if platform == "cpu" and num_devices >= 2 and num_devices % 2 == 0 else "colocated"
+    cpu = platform == "cpu" and num_processes == 1
+    return "separate" if cpu and num_devices >= 2 and num_devices % 2 == 0 else "colocated"
 
 
 def make_meshes(data: int, fsdp: int, placement: str, devices=None) -> tuple[Mesh, Mesh]:
@@ -77,7 +81,7 @@ def make_meshes(data: int, fsdp: int, placement: str, devices=None) -> tuple[Mes
     half of the devices for the policy (and the reference and reward models), the second half for
     the critic, each shaped data x fsdp."""
     devices = list(jax.devices() if devices is None else devices)
-    if resolve_placement(placement, len(devices), devices[0].platform) != "separate":
+    if resolve_placement(placement, len(devices), devices[0].platform, jax.process_count()) != "separate":
         mesh = make_mesh(data, fsdp, devices)
         return mesh, mesh
     half = len(devices) // 2

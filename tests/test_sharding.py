@@ -79,6 +79,26 @@ def test_make_mesh_sizes():
         make_mesh(data=3, fsdp=5)
 
 
+def test_placement_rules():
+    from jaxppo.config import check_devices, load_config
+    from jaxppo.errors import ConfigError
+    from jaxppo.sharding import resolve_placement
+
+    assert resolve_placement("auto", 2, "cpu") == resolve_placement("auto", 8, "cpu") == "separate"
+    for n, platform, procs in [(1, "cpu", 1), (3, "cpu", 1), (8, "gpu", 1), (2, "cpu", 2)]:
+        assert resolve_placement("auto", n, platform, procs) == "colocated", (n, platform, procs)
+    assert resolve_placement("colocated", 2, "cpu") == "colocated"
+    assert resolve_placement("separate", 4, "gpu") == "separate"
+    separate = load_config(None, ["train.placement=separate"])
+    with pytest.raises(ConfigError, match="even number of devices >= 2, found 1"):
+        check_devices(separate, 1, "cpu")
+    with pytest.raises(ConfigError, match="not supported across 2 processes"):
+        check_devices(separate, 4, "gpu", 2)
+    check_devices(separate, 4, "gpu")                     # 2 + 2: batch 16 splits over each half
+    with pytest.raises(ConfigError, match="1 device\\(s\\) per model"):
+        check_devices(load_config(None, ["train.mesh_data=2", "train.mesh_fsdp=1"]), 2, "cpu")
+
+
 @pytest.mark.slow
 def test_one_vs_eight_devices_same_metrics(tmp_path):
     one = run_on(1, tmp_path)

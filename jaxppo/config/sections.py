@@ -204,7 +204,7 @@ class TrainConfig(_Section):
     placement: str = _field("auto",
         "where the critic trains: colocated (on the policy's devices, after it), separate (the devices "
         "split in two halves, policy and critic programs side by side; each half gets the mesh), auto "
-        "(separate on a CPU with an even number >= 2 of devices, else colocated)",
+        "(separate in one CPU process with an even number >= 2 of devices, else colocated)",
         choices=("auto", "colocated", "separate"))
 
     def _validate(self) -> None:
@@ -299,7 +299,7 @@ def describe_fields(cls: type = PPOConfig, prefix: str = "") -> list[tuple[str, 
     return rows
 
 
-def check_devices(config: PPOConfig, num_devices: int, platform: str = "cpu") -> None:
+def check_devices(config: PPOConfig, num_devices: int, platform: str = "cpu", num_processes: int = 1) -> None:
     """Raises ConfigError unless the device mesh and the batch sizes fit `num_devices` devices.
 
     With `train.placement` separate the devices split into two halves (policy, critic), and each
@@ -314,7 +314,11 @@ def check_devices(config: PPOConfig, num_devices: int, platform: str = "cpu") ->
     if t.placement == "separate" and (num_devices < 2 or num_devices % 2):
         raise ConfigError(f"train.placement=separate needs an even number of devices >= 2, found {num_devices} "
                           "(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2)", keys=("train.placement",))
-    separate = resolve_placement(t.placement, num_devices, platform) == "separate"
+    separate = resolve_placement(t.placement, num_devices, platform, num_processes) == "separate"
+    if separate and num_processes > 1:
+        raise ConfigError(f"train.placement={t.placement} puts the critic on devices of its own, which is not "
+                          f"supported across {num_processes} processes: use train.placement=colocated",
+                          keys=("train.placement",))
     n = int(num_devices) // (2 if separate else 1)
     per_model = " per model, train.placement separate" if separate else ""
     data, fsdp = t.mesh_data, t.mesh_fsdp
