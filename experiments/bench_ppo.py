@@ -264,8 +264,9 @@ def main(argv=None):
     m_critic = matmul_params(n_critic, trainer.critic_config, lm_head=False)
     m_rm = matmul_params(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen.reward_model)),
                          trainer.reward_model.config, lm_head=False)
-    # the last sampled token is never run through the policy, reference or critic (it predicts
-    # nothing), only through the reward model: S - 1 tokens a row for those, S for the reward model
+    # the last sampled token predicts nothing: S - 1 useful tokens a row for the policy, reference
+    # and critic (an accelerator runs all S when S is aligned: `update.forward_length`; that extra
+    # token is not counted as work), S for the reward model
     update_flops = args.ppo_epochs * 6 * (m_policy + m_critic) * B * (S - 1)   # every row once per epoch
     flops = (2 * m_policy * B * (S - 1)                      # sampling (prefill + decode)
              + 2 * (m_policy + m_critic) * B * (S - 1)       # ref, value forwards

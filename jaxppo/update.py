@@ -63,16 +63,31 @@ class UpdateSettings:
     logits_chunk_bytes: int | None = None   # head over response slices of this many logits bytes (None: whole)
 
 
+# On a GPU or TPU a sequence length that is a multiple of this runs faster than one token fewer
+# (H200, bf16, Qwen2-0.5B shape, 32 x 384 vs 32 x 383 tokens: update 2.08 vs 2.37 s), so there the
+# last token is kept when that makes the length aligned. The CPU gains nothing from alignment.
+SEQ_ALIGN = 16
+
+
+def forward_length(total: int, backend: str | None = None) -> int:
+    """How many leading tokens of a `[B, total]` sequence the scoring and training forwards run:
+    `total - 1` (the last token predicts nothing), or `total` on an accelerator when `total` is a
+    multiple of `SEQ_ALIGN`. `backend` defaults to JAX's default backend (read at trace time, so
+    after `jax.distributed.initialize()`)."""
+    backend = backend or jax.default_backend()
+    return total if backend != "cpu" and total % SEQ_ALIGN == 0 else total - 1
+
+
 def _predicting_prefix(tokens, attention_mask, response_len: int):
-    """The `[B, P+R-1]` prefix of a `[B, P+R]` sequence, and its last R positions (P-1 .. P+R-2):
-    those whose outputs predict the response tokens. The last token predicts nothing and, under
-    the causal mask, no earlier position attends to it, so it is not run at all (1/(P+R) of the
-    trunk's work)."""
+    """The `[B, S]` prefix of a `[B, P+R]` sequence (S = `forward_length(P+R)`, normally P+R-1),
+    and the R positions P-1 .. P+R-2 whose outputs predict the response tokens. The last token
+    predicts nothing and, under the causal mask, no earlier position attends to it, so it is not
+    run (1/(P+R) of the trunk's work) unless keeping it gives an accelerator an aligned length."""
     if tokens.ndim != 2 or attention_mask.shape != tokens.shape or not 0 < response_len < tokens.shape[1]:
         raise ValueError(f"need tokens and attention_mask of one shape [B, P+R] with P >= 1 and R = "
                          f"{response_len} >= 1; got {tokens.shape} and {attention_mask.shape}")
-    S = tokens.shape[1] - 1
-    return tokens[:, :S], attention_mask[:, :S], (S - response_len, S)
+    S, last = forward_length(tokens.shape[1]), tokens.shape[1] - 1
+    return tokens[:, :S], attention_mask[:, :S], (last - response_len, last)
 
 
 def response_logprobs(model, tokens, attention_mask, response, temperature: float, *,

@@ -257,13 +257,20 @@ def test_sliced_logits_bound_the_backward_memory():
     assert scratch[2**20] < scratch[None] / 4, scratch
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])    # RoPE / learned positions
-def test_the_last_token_is_never_run(monkeypatch, arch):
+@pytest.mark.parametrize("arch,backend", [("llama", "cpu"), ("gpt2", "cpu"), ("llama", "gpu")])
+def test_the_last_token_is_never_run(monkeypatch, arch, backend):
     """It predicts nothing and, under the causal mask, nothing attends to it: the policy and the
     critic run their trunks on the P+R-1 prefix, and the log-probs and values equal a full
-    forward's at the R positions that predict the response (left-padded rows included)."""
+    forward's at the R positions that predict the response (left-padded rows included). On an
+    accelerator, where P+R is a multiple of SEQ_ALIGN (here made 11 = P+R), the whole sequence
+    runs instead, with the same results."""
+    from jaxppo import update
     from jaxppo.models.transformer import Transformer
     from jaxppo.update import response_logprobs, response_values
+
+    if backend != "cpu":
+        monkeypatch.setattr(update.jax, "default_backend", lambda: backend)
+        monkeypatch.setattr(update, "SEQ_ALIGN", P + R)
 
     batch = make_batch(2)
     policy, critic = small_model(0, arch=arch), small_model(1, arch=arch, head="scalar")
@@ -280,9 +287,20 @@ def test_the_last_token_is_never_run(monkeypatch, arch):
     monkeypatch.setattr(Transformer, "hidden_states", spy)
     lp, _ = response_logprobs(policy, batch.tokens, batch.attention_mask, batch.response, 0.7)
     values = response_values(critic, batch.tokens, batch.attention_mask, R)
-    assert seen == [(B, P + R - 1), (B, P + R - 1)]
+    run = P + R - (backend == "cpu")
+    assert seen == [(B, run), (B, run)]
     np.testing.assert_allclose(np.asarray(lp), np.asarray(want_lp), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(values), np.asarray(want_values), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_length():
+    from jaxppo.update import SEQ_ALIGN, forward_length
+
+    assert forward_length(384, "cpu") == 383 and forward_length(48, "cpu") == 47
+    assert forward_length(384, "gpu") == 384 and forward_length(384, "tpu") == 384
+    assert forward_length(SEQ_ALIGN * 3 + 1, "gpu") == SEQ_ALIGN * 3   # dropping the last token aligns it
+    assert forward_length(SEQ_ALIGN * 3 + 5, "gpu") == SEQ_ALIGN * 3 + 4
+    assert forward_length(11) == 10                                   # this suite runs on the CPU
 
 
 def test_response_shapes_are_checked():
