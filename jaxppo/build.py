@@ -11,7 +11,6 @@ checkpoints that `model.policy=tiny` and `model.reward_model=tiny` stand for.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import tempfile
 from collections.abc import Callable
@@ -156,15 +155,13 @@ class BuildMixin:
         def pinned(params, opt, mesh):   # an update program's output shardings (None on one device)
             return (tree_shardings(params, mesh), tree_shardings(opt, mesh)) if mesh.devices.size > 1 else None
 
-        separate = self.critic_mesh is not self.mesh
         self.programs = PPOPrograms(policy_graph=self._graphs["policy"], critic_graph=self._graphs["critic"],
                                     ref_graph=self._graphs["ref"], rm_graph=self._graphs["rm"],
                                     txs=(ptx, ctx), schedules=(psched, csched), settings=settings,
                                     updates_per_iteration=updates_per_iter,
                                     policy_shardings=pinned(self.state.policy, self.state.policy_opt, self.mesh),
                                     critic_shardings=pinned(self.state.critic, self.state.critic_opt, self.critic_mesh),
-                                    policy_mesh=self.mesh if separate else None,
-                                    critic_mesh=self.critic_mesh if separate else None)
+                                    policy_mesh=self.mesh, critic_mesh=self.critic_mesh)
 
     # ------------------------------------------------------------------ data
     def _datasets(self, train_dataset, eval_dataset) -> tuple[PPODataset, PPODataset]:

@@ -127,8 +127,8 @@ class PPOPrograms:
                  critic_shardings=None, policy_mesh=None, critic_mesh=None):
         """policy_shardings / critic_shardings: (params, optimiser state) shardings of each model,
         which its update program pins its outputs to (None: one device, nothing to pin).
-        policy_mesh / critic_mesh: set when the critic sits on devices of its own
-        (`train.placement`): batch rows and scalars then cross between the two."""
+        policy_mesh / critic_mesh: the two models' meshes (`sharding.make_meshes`); when they differ
+        (`train.placement` separate), batch rows and scalars cross between the two."""
         self.graphs = (policy_graph, critic_graph)
         self.ref_graph, self.rm_graph = ref_graph, rm_graph
         self.txs, self.schedules = tuple(txs), tuple(schedules)
@@ -223,13 +223,17 @@ class PPOPrograms:
         rows = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), rows)
         return rows, jax.device_put(scalars, replicated(mesh))
 
+    def _values_args(self, state: TrainState, tokens, attn, mask):
+        """What `values` takes: the critic's params and the sampled rows on the critic's mesh."""
+        rows, _ = self._move((tokens, attn, mask), (), to=1)
+        return (state.critic, *rows)
+
     def rollout(self, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key) -> Experience:
         """Sample a batch, then score it: the reference and reward-model forwards on the policy's
         devices and the critic's values on the critic's, side by side when those differ.
         Dispatch only: no host sync."""
         out, attn = self.sample(state.policy, prompt_ids, prompt_mask, key)
-        (tokens, cattn, mask), _ = self._move((out.tokens, attn, out.mask), (), to=1)
-        values = self.values(state.critic, tokens, cattn, mask)
+        values = self.values(*self._values_args(state, out.tokens, attn, out.mask))
         ref_logprobs, scores = self.score(frozen, out.tokens, attn, out.response, out.mask)
         values, _ = self._move(values, (), to=0)
         return Experience(tokens=out.tokens, attention_mask=attn, response=out.response, mask=out.mask,
@@ -244,18 +248,26 @@ class PPOPrograms:
         return EvalOutput(response=out.response, mask=out.mask, kl=kl, rm_scores=scores)
 
     # ------------------------------------------------------------------ update
+    @staticmethod
+    def _small(state: TrainState):
+        """The state `prepare` and `finish` read: KL controller, reward moments, key, step."""
+        return state.kl, state.reward_moments, state.rng, state.step
+
+    def _update_args(self, state: TrainState, batch, perm_key, plateau_value):
+        """What `policy_update` and `critic_update` take, the critic's on the critic's mesh."""
+        scalars = (perm_key, plateau_value, state.step * self.updates_per_iteration)
+        cbatch, cscalars = self._move(batch, scalars, to=1)
+        return (state.policy, state.policy_opt, batch, *scalars), (state.critic, state.critic_opt, cbatch, *cscalars)
+
     def update(self, state: TrainState, exp: Experience, fn_scores):
         """One PPO update: `prepare` (rewards, GAE, advantages) -> the policy's and the critic's
         optimiser steps (two programs; side by side when the critic has devices of its own) ->
         `finish` (metrics, KL controller). The state is donated. Dispatch only: no host sync."""
-        small = (state.kl, state.reward_moments, state.rng, state.step)
+        small = self._small(state)
         batch, perm_key, plateau_value, aux = self.prepare(small, exp, fn_scores)
-        count = state.step * self.updates_per_iteration
-        policy, policy_opt, psums = self.policy_update(state.policy, state.policy_opt, batch, perm_key,
-                                                       plateau_value, count)
-        cbatch, (ckey, cplateau, ccount) = self._move(batch, (perm_key, plateau_value, count), to=1)
-        critic, critic_opt, csums = self.critic_update(state.critic, state.critic_opt, cbatch, ckey,
-                                                       cplateau, ccount)
+        policy_args, critic_args = self._update_args(state, batch, perm_key, plateau_value)
+        policy, policy_opt, psums = self.policy_update(*policy_args)
+        critic, critic_opt, csums = self.critic_update(*critic_args)
         _, csums = self._move((), csums, to=0)
         kl, moments, metrics = self.finish(small, aux, psums, csums)
         return state.replace(policy=policy, critic=critic, policy_opt=policy_opt, critic_opt=critic_opt,
@@ -266,19 +278,15 @@ class PPOPrograms:
         """The rollout's and the update's programs lowered with the arguments `rollout` and
         `update` pass them (for HLO dumps and `memory_analysis()`); nothing is donated or run
         except the small `prepare`, whose outputs the update programs take."""
-        lowered = {"sample": self.sample.lower(state.policy, prompt_ids, prompt_mask, key),
-                   "score": self.score.lower(frozen, exp.tokens, exp.attention_mask, exp.response, exp.mask)}
-        (tokens, attn, mask), _ = self._move((exp.tokens, exp.attention_mask, exp.mask), (), to=1)
-        lowered["values"] = self.values.lower(state.critic, tokens, attn, mask)
-        small = (state.kl, state.reward_moments, state.rng, state.step)
-        lowered["prepare"] = self.prepare.lower(small, exp, fn_scores)
+        small = self._small(state)
         batch, perm_key, plateau_value, _ = self.prepare(small, exp, fn_scores)
-        count = state.step * self.updates_per_iteration
-        lowered["policy_update"] = self.policy_update.lower(state.policy, state.policy_opt, batch, perm_key,
-                                                            plateau_value, count)
-        cbatch, scalars = self._move(batch, (perm_key, plateau_value, count), to=1)
-        lowered["critic_update"] = self.critic_update.lower(state.critic, state.critic_opt, cbatch, *scalars)
-        return lowered
+        policy_args, critic_args = self._update_args(state, batch, perm_key, plateau_value)
+        return {"sample": self.sample.lower(state.policy, prompt_ids, prompt_mask, key),
+                "score": self.score.lower(frozen, exp.tokens, exp.attention_mask, exp.response, exp.mask),
+                "values": self.values.lower(*self._values_args(state, exp.tokens, exp.attention_mask, exp.mask)),
+                "prepare": self.prepare.lower(small, exp, fn_scores),
+                "policy_update": self.policy_update.lower(*policy_args),
+                "critic_update": self.critic_update.lower(*critic_args)}
 
     def _prepare(self, small, exp: Experience, fn_scores):
         """Scores -> shaped rewards -> GAE -> (whitened) advantages: the PPOBatch both models train
@@ -315,7 +323,7 @@ class PPOPrograms:
             "objective/rlhf_reward": (non_score + scores).mean(),
             "objective/scores": raw_scores.mean(),
         }
-        plateau_value = jnp.float32(0)
+        plateau_value = None
         if s.plateau_metric is not None:
             plateau_value = s.plateau_sign * objective[s.plateau_metric]
         metrics = {
@@ -338,8 +346,7 @@ class PPOPrograms:
         i = 0 if kind == POLICY else 1
         lr = current_lr(self.schedules[i], opt_state, count)
         params, opt_state, sums = model_update(kind, self.graphs[i], params, opt_state, batch, perm_key,
-                                               self.txs[i], self.s.update,
-                                               plateau_value if self.s.plateau_metric is not None else None)
+                                               self.txs[i], self.s.update, plateau_value)
         return params, opt_state, {**sums, "lr": lr}
 
     def _finish(self, small, aux, psums, csums):
