@@ -45,7 +45,7 @@ def measure(root: Path, chunk_mb: int) -> dict:
     import numpy as np
 
     from jaxppo.config import load_config
-    from jaxppo.trainer import PPOTrainer
+    from jaxppo.run.trainer import PPOTrainer
 
     cfg = load_config(None, [
         f"model.policy={root}/policy", f"model.reward_model={root}/reward", "model.critic_init=reward_model",

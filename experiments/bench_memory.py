@@ -196,7 +196,7 @@ def worker(spec: dict) -> dict:
     import jax
 
     from jaxppo.config import load_config
-    from jaxppo.trainer import PPOTrainer
+    from jaxppo.run.trainer import PPOTrainer
 
     sampler = _RssSampler()
     out_dir = spec["output_dir"]

@@ -51,7 +51,7 @@ def matmul_peak_flops(n: int = 1024, reps: int = 20, dtype: str = "float32") -> 
     import jax
     import jax.numpy as jnp
 
-    from jaxppo.step import update_compiler_options
+    from jaxppo.engine.programs import update_compiler_options
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     best = float("inf")
@@ -174,8 +174,8 @@ def main(argv=None):
     import numpy as np
 
     from jaxppo.config import load_config
-    from jaxppo.rollout import generate
-    from jaxppo.trainer import PPOTrainer
+    from jaxppo.engine.sampling import generate
+    from jaxppo.run.trainer import PPOTrainer
 
     d = os.path.expanduser(args.model_dir)
     total = args.warmup + args.iters

@@ -56,7 +56,7 @@ def bench_jaxppo(args):
     import numpy as np
 
     from jaxppo.models.hf import load_causal_lm
-    from jaxppo.rollout import SamplingParams, generate
+    from jaxppo.engine.sampling import SamplingParams, generate
 
     model, tok = load_causal_lm(policy_dir(args.model_dir), dtype=jnp.dtype(args.dtype))
     ids = np.asarray(load_prompts(args.model_dir, tok, args.batch, args.prompt_len, args.seed), np.int32)

@@ -33,10 +33,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PPOConfig": "jaxppo.config",
     "load_config": "jaxppo.config",
-    "PPOTrainer": "jaxppo.trainer",
-    "PPODataset": "jaxppo.data",
-    "load_prompts": "jaxppo.data",
-    "TrainingLogger": "jaxppo.logger",
+    "PPOTrainer": "jaxppo.run.trainer",
+    "PPODataset": "jaxppo.data.prompts",
+    "load_prompts": "jaxppo.data.prompts",
+    "TrainingLogger": "jaxppo.run.logger",
 }
 
 __all__ = sorted(_EXPORTS)

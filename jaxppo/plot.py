@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (train.output_dir) holding metrics.jsonl")
     args = parser.parse_args(argv)
     try:
-        from jaxppo.plots import plot_run
+        from jaxppo.run.plots import plot_run
 
         paths = plot_run(args.run_dir)
     except JaxppoError as e:

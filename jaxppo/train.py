@@ -39,9 +39,9 @@ def preflight(config, resume: str | None) -> None:
     """The checks that need no model, run before any model is loaded (which may take minutes):
     prompt files (every line parsed), reward sources, the resume checkpoint, the run directory.
     The trainer makes them again; here they just fail sooner. Raises JaxppoError."""
-    from jaxppo import tasks
-    from jaxppo.checkpoint import find_checkpoint_dir
-    from jaxppo.data import load_prompt_records
+    from jaxppo.data import tasks
+    from jaxppo.run.checkpoint import find_checkpoint_dir
+    from jaxppo.data.prompts import load_prompt_records
     from jaxppo.errors import ConfigError
 
     d, r = config.data, config.reward
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = args.resume_from or ("latest" if args.resume else None)
         preflight(config, resume)
 
-        from jaxppo.trainer import PPOTrainer
+        from jaxppo.run.trainer import PPOTrainer
 
         trainer = PPOTrainer(config, resume_from_checkpoint=resume)
         summary = trainer.train()

@@ -23,9 +23,9 @@ from safetensors.numpy import load_file, save_file
 
 from jaxppo.config import load_config
 from jaxppo.models.tiny import make_tiny
-from jaxppo.tasks import demo_prompts, score_responses
+from jaxppo.data.tasks import demo_prompts, score_responses
 from jaxppo.train import main
-from jaxppo.trainer import PPOTrainer, RewardError, tiny_model_dir
+from jaxppo.run.trainer import PPOTrainer, RewardError, tiny_model_dir
 
 # the shapes of tests/test_trainer.py, so that the compiled programs are shared
 FAST = ["model.tiny_arch=gpt2", "train.batch_size=4", "rollout.max_new_tokens=8", "ppo.epochs=2",

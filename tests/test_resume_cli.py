@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from jaxppo.logger import read_metrics
+from jaxppo.run.logger import read_metrics
 
 CONFIG = """
 model: {policy: tiny, tiny_arch: llama, reward_model: tiny, critic_init: reward_model}
@@ -27,7 +27,7 @@ TIME_KEYS = ("time", "time/rollout", "time/update", "time/iteration", "tokens_pe
 
 
 def write_config(tmp_path):
-    from jaxppo.tasks import demo_prompts
+    from jaxppo.data.tasks import demo_prompts
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in demo_prompts(20, seed=5)))
     cfg = tmp_path / "run.yaml"

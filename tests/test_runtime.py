@@ -12,7 +12,7 @@ from jaxppo.config import load_config
 from jaxppo.errors import ConfigError
 from jaxppo.runtime import DETERMINISTIC_FLAG, _flag_value, use_deterministic_ops
 from jaxppo.train import main
-from jaxppo.trainer import PPOTrainer
+from jaxppo.run.trainer import PPOTrainer
 
 
 @pytest.mark.parametrize("flags, value", [

@@ -308,7 +308,7 @@ def check_devices(config: PPOConfig, num_devices: int, platform: str = "cpu", nu
     and train.eval_batch_size must be multiples of that count. Called by `PPOTrainer` before it
     loads any model.
     """
-    from jaxppo.sharding import resolve_placement
+    from jaxppo.engine.mesh import resolve_placement
 
     t = config.train
     if t.placement == "separate" and (num_devices < 2 or num_devices % 2):

@@ -1,0 +1,1 @@
+"""Prompts and datasets, built-in tasks, reward functions."""

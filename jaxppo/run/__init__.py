@@ -1,0 +1,1 @@
+"""The host side of a run: the trainer loop, run directory, checkpoints, logger, evaluation and plots."""
