@@ -45,6 +45,7 @@ def measure(root: Path, chunk_mb: int) -> dict:
     import numpy as np
 
     from jaxppo.config import load_config
+    from jaxppo.engine import programs as iteration
     from jaxppo.run.trainer import PPOTrainer
 
     cfg = load_config(None, [
@@ -56,11 +57,11 @@ def measure(root: Path, chunk_mb: int) -> dict:
     programs = trainer.programs
     ids = np.random.default_rng(0).integers(10, 500, (B, P)).astype(np.int32)
     mask = np.ones_like(ids)
-    key = programs.sample_key(trainer.state)
+    key = programs.sampling_key(trainer.state.rng, trainer.state.step)
     zeros = jnp.zeros((B,), jnp.float32)
-    exp = programs.rollout(trainer.state, trainer.frozen, ids, mask, key)
+    exp = iteration.rollout(programs, trainer.state, trainer.frozen, ids, mask, key)
     scratch = lambda compiled: round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
-    lowered = programs.lower(trainer.state, trainer.frozen, ids, mask, key, exp, zeros)
+    lowered = iteration.lower(programs, trainer.state, trainer.frozen, ids, mask, key, exp, zeros)
     out = {"logits_chunk_mb": chunk_mb or None,      # the programs that hold logits: sampling + scoring, the policy's steps
            "rollout_scratch_mib": max(scratch(lowered[name].compile()) for name in ("sample", "score")),
            "update_scratch_mib": scratch(lowered["policy_update"].compile()),
@@ -68,14 +69,14 @@ def measure(root: Path, chunk_mb: int) -> dict:
     times = {"update_sec": [], "rollout_sec": []}
     for i in range(4):
         t0 = time.perf_counter()
-        trainer.state, metrics = programs.update(trainer.state, exp, zeros)
+        trainer.state, metrics = iteration.update(programs, trainer.state, exp, zeros)
         jax.block_until_ready(metrics)
         t1 = time.perf_counter()
-        jax.block_until_ready(programs.rollout(trainer.state, trainer.frozen, ids, mask, key))
+        jax.block_until_ready(iteration.rollout(programs, trainer.state, trainer.frozen, ids, mask, key))
         if i:                                           # the first call of each compiles
             times["update_sec"].append(round(t1 - t0, 3))
             times["rollout_sec"].append(round(time.perf_counter() - t1, 3))
-    return {**out, **times, "loss/policy_avg": float(metrics["loss/policy_avg"])}
+    return {**out, **times, "loss/policy_avg": float(metrics.as_dict()["loss/policy_avg"])}
 
 
 def main(argv=None) -> None:

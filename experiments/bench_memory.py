@@ -196,6 +196,7 @@ def worker(spec: dict) -> dict:
     import jax
 
     from jaxppo.config import load_config
+    from jaxppo.engine import programs as iteration
     from jaxppo.run.trainer import PPOTrainer
 
     sampler = _RssSampler()
@@ -233,13 +234,13 @@ def worker(spec: dict) -> dict:
 
     # ru_maxrss when the loop is over: the first (forced, final) checkpoint save marks the end
     loop_peak = {}
-    orig_save = trainer._save_checkpoint
+    orig_save = trainer.save_checkpoint
 
     def save_hook(*a, **k):
         loop_peak.setdefault("rss", _maxrss_bytes())
         return orig_save(*a, **k)
 
-    trainer._save_checkpoint = save_hook
+    trainer.save_checkpoint = save_hook
 
     # phase boundaries for the RSS sampler (the wrappers block on the outputs, which the trainer's
     # own next step - decoding the responses, fetching the metrics - would wait for anyway)
@@ -255,16 +256,15 @@ def worker(spec: dict) -> dict:
             return out
         return wrapped
 
-    progs = trainer.programs
-    progs.rollout = phase_wrap("rollout", progs.rollout)
-    progs.update = phase_wrap("update", progs.update)
-    orig_save2 = trainer._save_checkpoint
+    iteration.rollout = phase_wrap("rollout", iteration.rollout)    # the trainer calls them through the module
+    iteration.update = phase_wrap("update", iteration.update)
+    orig_save2 = trainer.save_checkpoint
 
     def save_phase(*a, **k):
         sampler.enter("final")
         return orig_save2(*a, **k)
 
-    trainer._save_checkpoint = save_phase
+    trainer.save_checkpoint = save_phase
     summary = trainer.train()
     live = jax.live_arrays()
     live_bytes = sum(int(x.nbytes) for x in live)

@@ -29,7 +29,7 @@ Qwen2-0.5B shape on a GPU).
 
 `--profile DIR` then traces two more iterations with `jax.profiler` (a Perfetto trace under DIR),
 writes the optimized HLO of the rollout's and the update's programs there (`NAME.hlo.txt`) and prints
-the ops that took the most time to stderr: how the matmul-only backward of `models/layers.py` was
+the ops that took the most time to stderr: how the matmul-only backward of `core/kernels.py` was
 found (copies of transposed cotangents and `reduce-window` ops used to lead that list).
 """
 
@@ -51,7 +51,7 @@ def matmul_peak_flops(n: int = 1024, reps: int = 20, dtype: str = "float32") -> 
     import jax
     import jax.numpy as jnp
 
-    from jaxppo.engine.programs import update_compiler_options
+    from jaxppo.runtime import update_compiler_options
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     best = float("inf")
@@ -131,12 +131,15 @@ def top_ops(trace_dir: str, n: int = 25) -> list[tuple[str, float, int]]:
 def profile_iterations(trace_dir, programs, trainer, frozen, ids, mask, zeros, iters: int = 2):
     import jax
 
+    from jaxppo.engine import programs as iteration
+
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(iters):
-            exp = programs.rollout(trainer.state, frozen, ids, mask, programs.sample_key(trainer.state))
-            trainer.state, metrics = programs.update(trainer.state, exp, zeros)
+            exp = iteration.rollout(programs, trainer.state, frozen, ids, mask)
+            trainer.state, metrics = iteration.update(programs, trainer.state, exp, zeros)
             jax.device_get(metrics)
-    lowered = programs.lower(trainer.state, frozen, ids, mask, programs.sample_key(trainer.state), exp, zeros)
+    lowered = iteration.lower(programs, trainer.state, frozen, ids, mask,
+                             programs.sampling_key(trainer.state.rng, trainer.state.step), exp, zeros)
     for name, low in lowered.items():
         with open(os.path.join(trace_dir, f"{name}.hlo.txt"), "w") as f:
             f.write(low.compile().as_text())
@@ -174,6 +177,7 @@ def main(argv=None):
     import numpy as np
 
     from jaxppo.config import load_config
+    from jaxppo.engine import programs as iteration
     from jaxppo.engine.sampling import generate
     from jaxppo.run.trainer import PPOTrainer
 
@@ -217,10 +221,10 @@ def main(argv=None):
         sl = slice((i % n_batches) * args.batch, (i % n_batches + 1) * args.batch)
         usage0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        exp = programs.rollout(trainer.state, frozen, ids_all[sl], mask_all[sl], programs.sample_key(trainer.state))
+        exp = iteration.rollout(programs, trainer.state, frozen, ids_all[sl], mask_all[sl])
         jax.block_until_ready(exp)
         t1 = time.perf_counter()
-        trainer.state, metrics = programs.update(trainer.state, exp, zeros)
+        trainer.state, metrics = iteration.update(programs, trainer.state, exp, zeros)
         metrics = jax.device_get(metrics)
         t2 = time.perf_counter()
         if i == 0:
@@ -238,10 +242,9 @@ def main(argv=None):
         profile_iterations(args.profile, programs, trainer, frozen, ids_all[:args.batch], mask_all[:args.batch], zeros)
 
     # generation alone, with the same sampler settings and the trained policy
-    policy = trainer._template_policy
     from flax import nnx
-    nnx.update(policy, trainer.state.policy)
-    sampling = programs.s.sampling
+    policy = nnx.merge(trainer.models.graphs.policy, trainer.state.policy)
+    sampling = programs.settings.sampling
     key = jax.random.PRNGKey(1)
     jax.block_until_ready(generate(policy, ids_all[:args.batch], mask_all[:args.batch], key, sampling).tokens)
     t_gen = []
@@ -260,10 +263,10 @@ def main(argv=None):
     # FLOPs count the parameters that take part in a matmul: not the embedding lookup (nor GPT-2's
     # learned positions), except where a tied LM head multiplies by the embedding; attention's
     # score and value products (a few % at these lengths) are left out
-    m_policy = matmul_params(n_policy, trainer.policy_config, lm_head=True)
-    m_critic = matmul_params(n_critic, trainer.critic_config, lm_head=False)
+    m_policy = matmul_params(n_policy, trainer.models.policy_config, lm_head=True)
+    m_critic = matmul_params(n_critic, trainer.models.critic_config, lm_head=False)
     m_rm = matmul_params(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen.reward_model)),
-                         trainer.reward_model.config, lm_head=False)
+                         trainer.models.reward_model_config, lm_head=False)
     # the last sampled token predicts nothing: S - 1 useful tokens a row for the policy, reference
     # and critic (an accelerator runs all S when S is aligned: `update.forward_length`; that extra
     # token is not counted as work), S for the reward model
@@ -316,7 +319,7 @@ def main(argv=None):
         "device_peak_mb": device_peak_mb(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
         "total_wall_sec": round(time.perf_counter() - t_start, 2),
-        "final_objective_kl": float(metrics["objective/kl"]),
+        "final_objective_kl": float(metrics.as_dict()["objective/kl"]),
     }
     line = json.dumps(out)
     print(line)

@@ -51,6 +51,10 @@ def policy_dir(model_dir: str) -> str:
 
 
 def bench_jaxppo(args):
+    from jaxppo import runtime
+
+    runtime.configure(compilation_cache=False)   # the CLI's XLA settings, before JAX starts
+
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -5,28 +5,10 @@
     trainer.train()
 
 Names are imported lazily so `import jaxppo` stays cheap for the CLI's --help and error paths.
+Importing jaxppo (or any of its modules) changes no environment variable, JAX setting or signal
+handler: `jaxppo.runtime.configure()` makes the process-wide settings, explicitly (the CLI and
+`PPOTrainer` call it; see its docstring for a notebook).
 """
-
-import os as _os
-
-# transformers warns at import that torch is absent; jaxppo uses it for tokenizers only
-_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# XLA:CPU's experimental YNNPACK fusions make this workload 1.5-2x slower on the CPUs measured here
-# (experiments/README.md); keep XLA's own emitters unless the user chose otherwise. Must be set
-# before JAX creates its CPU backend, i.e. before the first computation.
-USER_SET_YNN = "xla_cpu_experimental_ynn_fusion_type" in _os.environ.get("XLA_FLAGS", "")
-if not USER_SET_YNN:
-    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
-
-# XLA:CPU runs the operations of one program one at a time; two host devices let the policy's and
-# the critic's programs run side by side (`train.placement`, experiments/README.md session 11).
-# Only the CPU platform reads this flag; the user's own setting wins.
-USER_SET_HOST_DEVICES = "xla_force_host_platform_device_count" in _os.environ.get("XLA_FLAGS", "")
-if not USER_SET_HOST_DEVICES and (_os.cpu_count() or 1) >= 2:
-    _os.environ["XLA_FLAGS"] = _os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
 
 __version__ = "0.1.0"
 

@@ -69,18 +69,21 @@ def preflight(config, resume: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": none is needed
     args = build_parser().parse_intermixed_args(argv)   # overrides may come before and after the flags
     from jaxppo.errors import JaxppoError
 
     try:
+        from jaxppo import runtime
         from jaxppo.config import load_config
 
         overrides = list(args.overrides)
         if args.output_dir:
             overrides.append(f"train.output_dir={args.output_dir}")
         config = load_config(args.config, overrides)
+        # the process-wide settings (two CPU host devices, XLA options, compilation cache) before
+        # anything can start JAX (the preflight imports the user's reward modules); the trainer
+        # asks again, which is then a no-op
+        runtime.configure(deterministic=config.train.deterministic)
         resume = args.resume_from or ("latest" if args.resume else None)
         preflight(config, resume)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxppo.run.trainer import tiny_model_dir
+from jaxppo.run.models import tiny_model_dir
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 

@@ -25,7 +25,9 @@ from jaxppo.config import load_config
 from jaxppo.models.tiny import make_tiny
 from jaxppo.data.tasks import demo_prompts, score_responses
 from jaxppo.train import main
-from jaxppo.run.trainer import PPOTrainer, RewardError, tiny_model_dir
+from jaxppo.errors import RewardError
+from jaxppo.run.models import tiny_model_dir
+from jaxppo.run.trainer import PPOTrainer
 
 # the shapes of tests/test_trainer.py, so that the compiled programs are shared
 FAST = ["model.tiny_arch=gpt2", "train.batch_size=4", "rollout.max_new_tokens=8", "ppo.epochs=2",

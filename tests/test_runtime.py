@@ -1,5 +1,6 @@
-"""train.deterministic: XLA:GPU's deterministic ops are asked for before JAX starts, or the run
-refuses to start with a one-line error (XLA reads its flags only once per process)."""
+"""jaxppo.runtime: importing jaxppo changes nothing; `configure()` makes the process-wide settings
+explicitly, says in one line what it could not set once JAX has started, and train.deterministic asks
+for XLA:GPU's deterministic ops before JAX starts or refuses to start with a one-line error."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 from jaxppo.config import load_config
 from jaxppo.errors import ConfigError
-from jaxppo.runtime import DETERMINISTIC_FLAG, _flag_value, use_deterministic_ops
+from jaxppo.runtime import DETERMINISTIC_FLAG, flag_enabled, use_deterministic_ops
 from jaxppo.train import main
 from jaxppo.run.trainer import PPOTrainer
 
@@ -23,7 +24,7 @@ from jaxppo.run.trainer import PPOTrainer
     (f"{DETERMINISTIC_FLAG}_extra=true", None),
 ])
 def test_flag_value(flags, value):
-    assert _flag_value(flags, DETERMINISTIC_FLAG) is value
+    assert flag_enabled(flags, DETERMINISTIC_FLAG) is value
 
 
 def test_a_fresh_process_gets_the_flag_next_to_its_own():
@@ -62,3 +63,43 @@ def test_the_trainer_and_the_cli_ask_for_it_before_loading_anything(monkeypatch,
     err = capsys.readouterr().err
     assert err.startswith("error: train.deterministic=true needs XLA flags") and err.count("\n") == 1
     assert not out.exists()
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu", **env}.items() if v is not None}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_importing_jaxppo_changes_no_environment_variable_or_jax_setting():
+    code = ("import os, signal; f = os.environ.get('XLA_FLAGS'); env = dict(os.environ); "
+            "h = signal.getsignal(signal.SIGTERM); "
+            "import jaxppo, jaxppo.core.gae, jaxppo.train, jaxppo.run.trainer, jaxppo.engine.programs, jaxppo.runtime; "
+            "assert os.environ.get('XLA_FLAGS') == f and dict(os.environ) == env, os.environ.get('XLA_FLAGS'); "
+            "assert signal.getsignal(signal.SIGTERM) == h; "
+            "import jax; assert jax.config.jax_compilation_cache_dir is None; print(jax.device_count())")
+    out = _python(code, XLA_FLAGS=None, TRANSFORMERS_VERBOSITY=None)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1"]                 # XLA's own default: nothing asked for two devices
+
+
+def test_configure_asks_for_two_host_devices_and_the_users_flags_win():
+    code = ("import os, jax, jaxppo.runtime as r; notes = r.configure(compilation_cache=False); "
+            "print(jax.device_count(), len(notes), os.environ['XLA_FLAGS'])")
+    out = _python(code, XLA_FLAGS=None)
+    assert out.returncode == 0, out.stderr
+    count, notes, *flags = out.stdout.split()
+    assert count == ("2" if (os.cpu_count() or 1) >= 2 else "1") and notes == "0"
+    assert "--xla_cpu_experimental_ynn_fusion_type=" in flags
+    out = _python(code, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "3" and out.stdout.count("device_count") == 1
+
+
+def test_configure_after_jax_started_says_so_in_one_line_and_carries_on():
+    code = ("import jax.numpy as jnp, jax; jnp.zeros(1).block_until_ready(); "
+            "import jaxppo.runtime as r; notes = r.configure(compilation_cache=False); print(jax.device_count())")
+    out = _python(code, XLA_FLAGS=None)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1"]
+    lines = [l for l in out.stderr.splitlines() if "jaxppo.runtime.configure" in l]
+    assert len(lines) == 1 and "already started" in lines[0] and "could not be set" in lines[0]

@@ -9,12 +9,15 @@ The defaults are the built-in demo (a tiny model on a built-in task), so `PPOCon
 Loading goes through OmegaConf structured configs (merge of defaults <- YAML <- overrides, type
 conversion, `${...}` interpolation); every failure becomes a one-line `ConfigError` that names the
 source (`file:line` or the override), the dotted key, what is allowed and what was given.
-Ranges and choices are declared next to each field (`_field(..., ge=0)`) and checked in
+Ranges and choices are declared next to each field (`option(..., ge=0)`) and checked in
 `__post_init__`, so a config built in Python is validated exactly like one read from YAML.
 
-`fields.py` holds that machinery, `sections.py` the dataclasses, `loading.py` YAML and overrides.
+`fields.py` holds that machinery, `sections.py` the dataclasses, `loading.py` YAML and overrides,
+`devices.py` what a config asks of the devices (`check_devices`, `resolve_placement`).
+This package is a leaf: it imports nothing of jaxppo but `jaxppo.errors`.
 """
 
+from jaxppo.config.devices import check_devices, resolve_placement
 from jaxppo.config.loading import (
     config_to_dict,
     config_to_yaml,
@@ -34,7 +37,6 @@ from jaxppo.config.sections import (
     RewardConfig,
     RolloutConfig,
     TrainConfig,
-    check_devices,
     describe_fields,
 )
 
@@ -42,4 +44,5 @@ __all__ = [
     "ModelConfig", "DataConfig", "RewardConfig", "RolloutConfig", "AdaptiveKLConfig", "PPOSectionConfig",
     "PlateauConfig", "OptimConfig", "TrainConfig", "EarlyStoppingConfig", "LoggingConfig", "PPOConfig",
     "load_config", "save_config", "config_to_dict", "config_to_yaml", "describe_fields", "check_devices",
+    "resolve_placement",
 ]

@@ -1,6 +1,7 @@
-"""The field machinery of the config sections: `_field` declares a default, its help and its allowed
-values; `_Section.__post_init__` checks every field's type and range, so a config built in Python is
-validated exactly like one read from YAML."""
+"""The field machinery of the config sections: `option` declares a field's default, its help and its
+allowed values; `Section.__post_init__` checks every field's type and range, so a config built in
+Python is validated exactly like one read from YAML. `fields_of`, `split_optional` and `type_name`
+read the annotations back (for the loader's errors and `describe_fields`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 from jaxppo.errors import ConfigError
 
 
-def _field(default: Any, help: str, *, choices: Sequence[Any] | None = None, ge: float | None = None,
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with its one-line help and the allowed values (checked in `__post_init__`)."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
@@ -28,8 +29,8 @@ def _field(default: Any, help: str, *, choices: Sequence[Any] | None = None, ge:
 
 # ----------------------------------------------------------------------------- type checks
 
-def _split_optional(tp: Any) -> tuple[bool, Any]:
-    """`X | None` -> (True, X); anything else -> (False, tp)."""
+def split_optional(tp: Any) -> tuple[bool, Any]:
+    """`X | None` -> (True, X); any other annotation -> (False, tp)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
@@ -37,10 +38,11 @@ def _split_optional(tp: Any) -> tuple[bool, Any]:
     return False, tp
 
 
-def _type_name(tp: Any) -> str:
-    optional, tp = _split_optional(tp)
+def type_name(tp: Any) -> str:
+    """The annotation `tp` as the errors name it: "float", "a list of str", "int or null", "a mapping"."""
+    optional, tp = split_optional(tp)
     if typing.get_origin(tp) is list:
-        name = f"a list of {_type_name(typing.get_args(tp)[0])}"
+        name = f"a list of {type_name(typing.get_args(tp)[0])}"
     elif dataclasses.is_dataclass(tp):
         name = "a mapping"
     else:
@@ -50,14 +52,14 @@ def _type_name(tp: Any) -> str:
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Returns `value` checked against the annotation `tp` (ints become floats for float fields)."""
-    optional, inner = _split_optional(tp)
+    optional, inner = split_optional(tp)
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got null", keys=(key,))
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got null", keys=(key,))
 
     def bad() -> ConfigError:
-        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", keys=(key,))
+        return ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})", keys=(key,))
 
     if inner is bool:
         if not isinstance(value, bool):
@@ -103,8 +105,9 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}={value!r} is out of range: expected {op} {bound}", keys=(key,))
 
 
-class _Section:
-    """Mixin: type and range checks of every field, then the section's own `_validate`."""
+class Section:
+    """Base of the config sections: `__post_init__` checks every field's type and range, then calls
+    the section's own `_validate`. `_prefix` is the section's dotted key, used in the messages."""
 
     _prefix: ClassVar[str] = ""
 
@@ -120,7 +123,7 @@ class _Section:
     def _validate(self) -> None:
         """Checks that involve several fields of the section."""
 
-    def _hash(self) -> int:
+    def field_hash(self) -> int:
         """Hash with lists as tuples, so a whole PPOConfig can be a jit static argument or a dict key."""
         return hash(tuple(tuple(v) if isinstance(v, list) else v
                           for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
@@ -129,18 +132,18 @@ class _Section:
         return f"{self._prefix}.{name}" if self._prefix else name
 
 
-_SECTION = dict(frozen=True, kw_only=True)
-
-
-def _fields_of(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+def fields_of(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """{name: (resolved annotation, dataclasses.Field)} of a dataclass, in declaration order."""
     hints = typing.get_type_hints(cls)
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
 
 
-def _default(f: dataclasses.Field) -> Any:
+def default_of(f: dataclasses.Field) -> Any:
+    """The default value of a field declared with `option` (a fresh copy for lists and sections)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _help(f: dataclasses.Field) -> str:
+def help_of(f: dataclasses.Field) -> str:
+    """The field's one-line help, with its allowed values: "per-token KL estimator (k1|k2|k3|abs)"."""
     choices = f.metadata.get("choices")
     return f.metadata["help"] + (f" ({'|'.join(map(str, choices))})" if choices else "")

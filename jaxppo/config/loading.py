@@ -1,6 +1,10 @@
 """YAML load/save and dotted overrides through OmegaConf structured configs (defaults <- YAML <-
 overrides, type conversion, `${...}` interpolation); every failure becomes a one-line ConfigError
-naming the source (`file:line` or the override), the dotted key, what is allowed and what was given."""
+naming the source (`file:line` or the override), the dotted key, what is allowed and what was given.
+
+The YAML file and each override's value go through one parse, `_parse_yaml`: PyYAML's safe loader
+with YAML 1.2 floats, read against the schema so that str fields keep their source text, giving
+plain values and the line of every key. OmegaConf then merges those values into the schema."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from jaxppo.config.fields import _fields_of, _split_optional, _type_name
+from jaxppo.config.fields import fields_of, split_optional, type_name
 from jaxppo.config.sections import PPOConfig, describe_fields
 from jaxppo.errors import ConfigError
 
@@ -29,11 +33,11 @@ def _schema_at(path: Sequence[str]) -> Any:
     """The annotation of the dotted path (list indices allowed), or None if no such key."""
     tp: Any = PPOConfig
     for part in path:
-        _, tp = _split_optional(tp)
+        _, tp = split_optional(tp)
         if re.fullmatch(r"\d+", part) and typing.get_origin(tp) is list:
             tp = typing.get_args(tp)[0]
-        elif dataclasses.is_dataclass(tp) and part in _fields_of(tp):
-            tp = _fields_of(tp)[part][0]
+        elif dataclasses.is_dataclass(tp) and part in fields_of(tp):
+            tp = fields_of(tp)[part][0]
         else:
             return None
     return tp
@@ -45,8 +49,8 @@ def _split_key(full_key: str) -> list[str]:
 
 def _suggest(path: Sequence[str]) -> str:
     """' (did you mean 'ppo.kl_coef'?)' for an unknown dotted key, or the list of valid keys."""
-    parent = _split_optional(_schema_at(path[:-1]))[1]
-    siblings = list(_fields_of(parent)) if dataclasses.is_dataclass(parent) else []
+    parent = split_optional(_schema_at(path[:-1]))[1]
+    siblings = list(fields_of(parent)) if dataclasses.is_dataclass(parent) else []
     prefix = ".".join(path[:-1]) + "." if len(path) > 1 else ""
     close = difflib.get_close_matches(path[-1], siblings, n=1, cutoff=0.6)
     if close:
@@ -65,10 +69,10 @@ def _check_keys(raw: Any, cls: type, path: list[str]) -> None:
     for name, value in raw.items():
         here = path + [str(name)]
         key = ".".join(here)
-        fields = _fields_of(cls)
+        fields = fields_of(cls)
         if name not in fields:
             raise ConfigError(f"unknown config key '{key}'{_suggest(here)}", keys=(key,))
-        optional, inner = _split_optional(fields[name][0])
+        optional, inner = split_optional(fields[name][0])
         if dataclasses.is_dataclass(inner):
             if value is None and optional:
                 continue
@@ -77,17 +81,85 @@ def _check_keys(raw: Any, cls: type, path: list[str]) -> None:
                 raise ConfigError(f"{key}: expected a mapping of {key}.* fields, got {what}", keys=(key,))
             _check_keys(value, inner, here)
         elif typing.get_origin(inner) is list and value is not None and not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(fields[name][0])}, got {value!r}", keys=(key,))
+            raise ConfigError(f"{key}: expected {type_name(fields[name][0])}, got {value!r}", keys=(key,))
 
 
-# ----------------------------------------------------------------------------- load / save
+# ----------------------------------------------------------------------------- parsing
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats (`1e-6` is a float, where YAML 1.1 reads a string)
+    and without timestamps (a date stays a string), as OmegaConf reads YAML."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+     [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+    |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+    |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _parse_yaml(text: str, schema: Any) -> tuple[yaml.Node | None, Any, dict[str, int]]:
+    """The one YAML parse (of a file, or of an override's value): `(root node or None when empty,
+    plain value, {dotted key: 1-based line})`, the value read against the annotation `schema`.
+    Raises yaml.YAMLError (syntax, duplicate keys) with its mark."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        lines: dict[str, int] = {}
+        value = None if root is None else _build(loader, root, schema, "", lines)
+    finally:
+        loader.dispose()
+    return root, value, lines
+
+
+def _build(loader: _Loader, node: yaml.Node, tp: Any, prefix: str, lines: dict[str, int]) -> Any:
+    """The plain value (dicts, lists, scalars) of `node`, whose schema annotation is `tp` (None where
+    the schema has no such key: `_check_keys` reports it); records the line of each key in `lines`."""
+    inner = split_optional(tp)[1]
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge" and key_node.value in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key_node.value}", key_node.start_mark)
+            seen.add(key_node.value)
+        loader.flatten_mapping(node)  # `<<: *anchor` merge keys
+        fields = fields_of(inner) if dataclasses.is_dataclass(inner) else {}
+        out = {}
+        for key_node, value_node in node.value:
+            name = loader.construct_object(key_node)
+            key = f"{prefix}{name}"
+            lines[key] = key_node.start_mark.line + 1
+            out[name] = _build(loader, value_node, fields[name][0] if name in fields else None, key + ".", lines)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
+        return [_build(loader, n, item, f"{prefix}{i}.", lines) for i, n in enumerate(node.value)]
+    value = loader.construct_object(node, deep=True)
+    if inner is str and isinstance(value, (bool, int, float)):
+        return node.value  # the source text: `output_dir: yes` stays 'yes', not 'True'
+    return value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(e, "problem", None) or e).split())
+
+
+# ----------------------------------------------------------------------------- layers
+
+@dataclasses.dataclass(frozen=True)
 class _Layer:
-    """One source of values (the YAML file or one override): its plain dict and where each key sits."""
+    """One source of values (the YAML file or one override): its plain dict and where each dotted
+    key was set ('file.yaml:12' or "override 'k=v'")."""
 
-    def __init__(self, values: dict, origins: dict[str, str]):
-        self.values = values
-        self.origins = origins
+    values: dict
+    origins: dict[str, str]
 
     def lookup(self, path: Sequence[str]) -> tuple[bool, Any]:
         node: Any = self.values
@@ -101,31 +173,6 @@ class _Layer:
         return True, node
 
 
-def _yaml_lines(node: yaml.Node, prefix: str, out: dict[str, str], where: str) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{prefix}{key_node.value}"
-            out[key] = f"{where}:{key_node.start_mark.line + 1}"
-            _yaml_lines(value_node, key + ".", out, where)
-
-
-def _keep_text(value: Any, node: yaml.Node | None, tp: Any) -> Any:
-    """The source text for str fields that YAML read as another type (`output_dir: yes` stays 'yes', not 'True')."""
-    inner = _split_optional(tp)[1]
-    if inner is str and isinstance(node, yaml.ScalarNode) and isinstance(value, (bool, int, float)):
-        return node.value
-    if typing.get_origin(inner) is list and isinstance(node, yaml.SequenceNode) and isinstance(value, list):
-        item_type = typing.get_args(inner)[0]
-        return [_keep_text(v, n, item_type) for v, n in zip(value, node.value)]
-    if dataclasses.is_dataclass(inner) and isinstance(node, yaml.MappingNode) and isinstance(value, dict):
-        fields = _fields_of(inner)
-        for key_node, value_node in node.value:
-            name = key_node.value
-            if name in fields and name in value:
-                value[name] = _keep_text(value[name], value_node, fields[name][0])
-    return value
-
-
 def _read_yaml(path: str) -> _Layer:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -135,23 +182,16 @@ def _read_yaml(path: str) -> _Layer:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None and not isinstance(root, yaml.MappingNode):
-            kind = {yaml.SequenceNode: "a list"}.get(type(root), "a scalar")
-            raise ConfigError(f"{path}:{root.start_mark.line + 1}: the top level must be a mapping of sections "
-                              f"({', '.join(f.name for f in dataclasses.fields(PPOConfig))}), got {kind}")
-        # OmegaConf's own loader: floats like 1e-6, duplicate keys rejected
-        values = OmegaConf.to_container(OmegaConf.create(text), resolve=False) if root is not None else {}
+        root, values, lines = _parse_yaml(text, PPOConfig)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{loc}: invalid YAML: {' '.join(str(problem).split())}") from None
-    origins: dict[str, str] = {}
-    if root is not None:
-        _yaml_lines(root, "", origins, path)
-        _keep_text(values, root, PPOConfig)
-    return _Layer(values, origins)
+        raise ConfigError(f"{loc}: invalid YAML: {_yaml_problem(e)}") from None
+    if root is not None and not isinstance(root, yaml.MappingNode):
+        kind = "a list" if isinstance(root, yaml.SequenceNode) else "a scalar"
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: the top level must be a mapping of sections "
+                          f"({', '.join(f.name for f in dataclasses.fields(PPOConfig))}), got {kind}")
+    return _Layer(values or {}, {key: f"{path}:{line}" for key, line in lines.items()})
 
 
 _KEY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -163,23 +203,15 @@ def _parse_override(item: str) -> _Layer:
     key, text = (part.strip() for part in item.split("=", 1))
     if not _KEY_RE.fullmatch(key):
         raise ConfigError(f"override {item!r}: {key!r} is not a dotted config key like ppo.kl_coef")
-    try:
-        values = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={text}"]), resolve=False)
-    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
-        problem = getattr(e, "problem", None) or _first_line(e)
-        raise ConfigError(f"override {item!r}: cannot parse the value: {problem}") from None
-    where = f"override '{item}'"
     parts = key.split(".")
-    leaf = values
-    for part in parts[:-1]:
-        leaf = leaf[part]
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        node = None
-    if _schema_at(parts) is not None:
-        leaf[parts[-1]] = _keep_text(leaf[parts[-1]], node, _schema_at(parts))
-    return _Layer(values, {".".join(parts[:i]): where for i in range(1, len(parts) + 1)})
+        _, value, _ = _parse_yaml(text, _schema_at(parts))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse the value: {_yaml_problem(e)}") from None
+    for part in reversed(parts):
+        value = {part: value}
+    where = f"override '{item}'"
+    return _Layer(value, {".".join(parts[:i]): where for i in range(1, len(parts) + 1)})
 
 
 def _first_line(e: BaseException) -> str:
@@ -213,7 +245,7 @@ def _convert(e: OmegaConfBaseException, layers: Sequence[_Layer]) -> ConfigError
     where = _locate(layers, [".".join(path[:i]) for i in range(len(path), 0, -1)])
     if path and tp is not None and found:
         shown = "null" if value is None else repr(value)
-        return ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {shown}", keys=(key,))
+        return ConfigError(f"{where}{key}: expected {type_name(tp)}, got {shown}", keys=(key,))
     return ConfigError(f"{where}{key + ': ' if key else ''}{_first_line(e)}", keys=(key,) if key else ())
 
 

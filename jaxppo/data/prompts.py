@@ -19,7 +19,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from jaxppo.errors import DataError
+from jaxppo.data.tasks import get_task
+from jaxppo.errors import ConfigError, DataError
 
 __all__ = ["load_prompts", "load_prompt_records", "split_prompts", "PPODataset", "tokenize_prompts", "PromptIterator"]
 
@@ -311,3 +312,30 @@ class PromptIterator:
             raise DataError(f"prompt iterator state {state!r} does not fit {self.num_prompts} prompts "
                             "(did the prompt file change since the checkpoint?)")
         self._epoch, self._position = epoch, position
+
+
+def run_datasets(config, train_dataset, eval_dataset) -> tuple[PPODataset, PPODataset]:
+    """(train, eval) PPODatasets from the arguments or `data.*`; prompts read from files keep their
+    'file:line' sources."""
+    d = config.data
+
+    def as_dataset(x):
+        return x if isinstance(x, PPODataset) else PPODataset(list(x))
+
+    if train_dataset is None:
+        if d.prompts:
+            prompts = PPODataset.from_file(d.prompts, field=d.prompt_field)
+        elif config.reward.task:
+            prompts = PPODataset(get_task(config.reward.task).prompts())
+        else:
+            raise ConfigError("data.prompts is not set and reward.task is null: no prompts to train on",
+                              keys=("data.prompts",))
+        if eval_dataset is None and d.eval_prompts:
+            eval_dataset = PPODataset.from_file(d.eval_prompts, field=d.prompt_field)
+        if eval_dataset is None and d.eval_fraction > 0:
+            train_dataset, eval_dataset = split_prompts(prompts, d.eval_fraction, config.train.seed)
+        else:
+            train_dataset = prompts
+    elif eval_dataset is None and d.eval_prompts:
+        eval_dataset = PPODataset.from_file(d.eval_prompts, field=d.prompt_field)
+    return as_dataset(train_dataset), as_dataset(eval_dataset if eval_dataset is not None else [])

@@ -25,7 +25,7 @@ import importlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -171,3 +171,43 @@ def score_responses(reward_fns: list[tuple[str, RewardFn, float]], prompts: list
             values = np.where(bad, error_penalty, values)
         total += weight * values
     return total.astype(np.float32)
+
+
+def reward_functions(reward_cfg, extra: Sequence[Callable] | None = None) -> list[tuple[str, RewardFn, float]]:
+    """(name, fn, weight) of every reward function a run uses: the built-in `reward.task`, the
+    `reward.functions` specs ('module:function', weighted by `reward.weights`), and the Python
+    callables passed to the trainer (weight 1)."""
+    fns: list[tuple[str, RewardFn, float]] = []
+    if reward_cfg.task:
+        fns.append((f"task:{reward_cfg.task}", get_task(reward_cfg.task).reward, 1.0))
+    weights = list(reward_cfg.weights) or [1.0] * len(reward_cfg.functions)
+    for spec, w in zip(reward_cfg.functions, weights):
+        fns.append((spec, import_function(spec), float(w)))
+    for fn in extra or ():
+        fns.append((getattr(fn, "__name__", repr(fn)), fn, 1.0))
+    return fns
+
+
+class RewardScorer:
+    """The reward functions of a run applied to sampled token ids: decode the valid response
+    tokens, call `score_responses`, return float32 [B] (zeros without functions).
+
+    `sources` maps a prompt to where it came from ('prompts.jsonl:7'), so that a reward error
+    names the line; the trainer sets it for each training run."""
+
+    def __init__(self, fns: list[tuple[str, RewardFn, float]], tokenizer, reward_cfg, log: Callable[[str], None]):
+        self.fns = fns
+        self.tokenizer = tokenizer
+        self.on_error = reward_cfg.on_error
+        self.error_penalty = reward_cfg.error_penalty
+        self.log = log
+        self.sources: Mapping[str, str] = {}
+
+    def __call__(self, prompts: list[str], response, mask) -> np.ndarray:
+        """response, mask: [B, R] token ids and response mask (NumPy, or device arrays to copy)."""
+        if not self.fns:
+            return np.zeros(len(prompts), np.float32)
+        response, mask = np.asarray(response), np.asarray(mask)
+        texts = [self.tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(response, mask)]
+        return score_responses(self.fns, prompts, texts, on_error=self.on_error, error_penalty=self.error_penalty,
+                               log=self.log, sources=self.sources)

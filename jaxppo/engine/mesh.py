@@ -36,6 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxppo.config.devices import resolve_placement  # a pure config rule; also importable from here
+
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
 
@@ -63,17 +65,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices=None) -> Mesh:
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices")
     return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
-
-
-def resolve_placement(placement: str, num_devices: int, platform: str, num_processes: int = 1) -> str:
-    """`train.placement` -> "colocated" or "separate". "auto" is separate on one CPU process with
-    an even number >= 2 of devices (XLA:CPU runs one program's operations one at a time, so the
-    policy's and the critic's programs only share the cores when they run on different devices),
-    else colocated (an accelerator is kept busy by one model's kernels; FSDP over all of them)."""
-    if placement != "auto":
-        return placement
-    cpu = platform == "cpu" and num_processes == 1
-    return "separate" if cpu and num_devices >= 2 and num_devices % 2 == 0 else "colocated"
 
 
 def make_meshes(data: int, fsdp: int, placement: str, devices=None) -> tuple[Mesh, Mesh]:

@@ -26,17 +26,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxppo.models.layers import column_sum
+from jaxppo.core import kernels
 
 
 def global_norm(tree) -> jax.Array:
-    """sqrt of the sum of squares of every leaf (`optax.tree.norm`), with the big sums as matmuls
-    (`column_sum`): XLA:CPU runs a plain sum over a weight matrix as a slow reduce-window."""
+    """sqrt(sum over leaves of sum(x^2)), squares summed in float32 (`optax.tree.norm`). On the CPU
+    (`kernels.matmul_reductions()`) a matrix's sum runs as `kernels.column_sum` then a sum over its
+    last axis: XLA:CPU runs a plain sum over a weight matrix as a slow reduce-window."""
+    cpu = kernels.matmul_reductions()
     total = jnp.float32(0)
     for x in jax.tree.leaves(tree):
         x = x.astype(jnp.float32)
         sq = x * x
-        total += (column_sum(sq.reshape(-1, sq.shape[-1])) if sq.ndim >= 2 else sq).sum()
+        total += (kernels.column_sum(sq.reshape(-1, sq.shape[-1])) if cpu and sq.ndim >= 2 else sq).sum()
     return jnp.sqrt(total)
 
 

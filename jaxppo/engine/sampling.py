@@ -57,6 +57,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def scoring_temperature(self) -> float:
+        """The temperature of the distribution the log-probs are under (1 for greedy decoding):
+        the scoring and training forwards divide the logits by it, as the sampler did."""
+        return self.temperature or 1.0
+
+    @classmethod
+    def from_config(cls, rollout_cfg, eos_token_ids: tuple[int, ...], pad_token_id: int) -> SamplingParams:
+        """The `rollout` section, with the stop tokens and pad id the loaded models give."""
+        r = rollout_cfg
+        return cls(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                   eos_token_ids=tuple(eos_token_ids) if r.stop_at_eos else (), pad_token_id=pad_token_id,
+                   stop_at_eos=r.stop_at_eos)
+
 
 @struct.dataclass
 class RolloutOutput:
@@ -187,7 +201,8 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params"))
-def _generate_jit(graphdef, state, prompt_ids, prompt_mask, key, params):
+def generate_program(graphdef, state, prompt_ids, prompt_mask, key, params):
+    """The jitted program behind `generate`: one compile per (graph, shapes, params)."""
     model = nnx.merge(graphdef, state)
     return sample(model, prompt_ids, prompt_mask, key, params)
 
@@ -195,4 +210,4 @@ def _generate_jit(graphdef, state, prompt_ids, prompt_mask, key, params):
 def generate(model, prompt_ids, prompt_mask, key, params: SamplingParams) -> RolloutOutput:
     """Jitted sampling from an NNX model; compiled once per (model graph, shapes, params)."""
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, params)
+    return generate_program(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, params)

@@ -1,26 +1,23 @@
-"""The layers of the decoder: RoPE tables, grouped-query `Attention`, the `MLP`, and the pre-norm `Block`.
+"""The decoder block: grouped-query `Attention`, the `MLP`, and the pre-norm `Block` around them.
 
-RoPE follows HF's rotate-half layout (`rope_inv_freq` with optional Llama-3 frequency scaling);
-attention is two einsums with a boolean mask, queries reshaped to `[B, S, Hkv, G, D]` so grouped
-K/V heads are never repeated, and writes new K/V into a cache slot when decoding. `select_rows`
-lets the last block compute only the rows whose outputs are wanted; `_remat_block` runs a block
-under `jax.checkpoint`. `jaxppo.models.transformer` stacks these into the `Transformer`.
+Attention is two einsums with a boolean mask, queries reshaped to `[B, S, Hkv, G, D]` so grouped
+K/V heads are never repeated, and writes new K/V into a cache slot when decoding; the llama family
+rotates q and k with `jaxppo.models.rope`. `select_rows` lets the last block compute only the rows
+whose outputs are wanted; `remat_block` runs a block under `jax.checkpoint`.
+`jaxppo.models.transformer` stacks these into the `Transformer`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxppo.models.arch import ACTIVATIONS, TransformerConfig
-from jaxppo.models.layers import Dense, Norm
-
-_INIT = nnx.initializers.normal(stddev=0.02)
+from jaxppo.models.layers import WEIGHT_INIT, Dense, Norm
+from jaxppo.models.rope import apply_rope
 
 
 def select_rows(x: jax.Array, rows) -> jax.Array:
@@ -33,41 +30,6 @@ def select_rows(x: jax.Array, rows) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
-def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
-    """RoPE inverse frequencies `[D/2]` float32, with Llama-3 frequency scaling when configured."""
-    dim = config.head_dim
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(
-        np.float32
-    )
-    if config.rope_type == "llama3":
-        p = dict(config.rope_scaling)
-        factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
-        old_len = float(p.get("original_max_position_embeddings", config.max_position_embeddings))
-        wavelen = 2 * math.pi / inv_freq
-        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
-    return inv_freq
-
-
-def _rope_tables(config: TransformerConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin `[B, S, D]` float32 for integer positions `[B, S]` (HF's rotate-half layout)."""
-    freqs = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(rope_inv_freq(config))[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, S, D]
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x [B, S, ..., D]` by cos/sin already broadcast to its rank; float32 math."""
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
 # ----------------------------------------------------------------------------- modules
 
 
@@ -78,7 +40,7 @@ class Attention(nnx.Module):
         c = config
         self.config = c
         self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=WEIGHT_INIT, rngs=rngs)
         self.qkv = Dense(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, use_bias=c.qkv_bias, **kw)
         self.out = Dense(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
 
@@ -96,8 +58,8 @@ class Attention(nnx.Module):
         v = qkv[..., (c.num_heads + hkv) * d :].reshape(b, s, hkv, d)  # [B, S, Hkv, D]
         if rope is not None:
             cos, sin = rope
-            q = _apply_rope(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
-            k = _apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
+            q = apply_rope(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
+            k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
         k = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
         v = v.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
         if kv is not None:
@@ -124,7 +86,7 @@ class MLP(nnx.Module):
         c = config
         self.gated = c.arch == "llama"
         self.act = ACTIVATIONS[c.activation]
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, use_bias=c.mlp_bias, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=WEIGHT_INIT, use_bias=c.mlp_bias, rngs=rngs)
         width = (2 if self.gated else 1) * c.intermediate_size
         self.fc_in = Dense(c.hidden_size, width, **kw)
         self.fc_out = Dense(c.intermediate_size, c.hidden_size, **kw)
@@ -157,7 +119,7 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), kv
 
 
-def _remat_block(layer: Block, x, rope, mask, kv=None, cache_index=None, rows=None):
+def remat_block(layer: Block, x, rope, mask, kv=None, cache_index=None, rows=None):
     """Block.__call__ under `jax.checkpoint`: activations inside the block are recomputed in the
     backward pass. The block is split into (graph, params) and merged inside the checkpointed pure
     function, so it composes with an outer `jax.grad` / `jax.jit` over merged params (nnx.remat

@@ -13,9 +13,9 @@ q/k/v and gate/up concatenated along `out`); GPT-2 `Conv1D` weights are already 
 Every problem with a folder raises `ModelLoadError` naming the file, tensor or key at fault.
 
 The pieces live in `hf_config` (config.json <-> `TransformerConfig`, `ModelLoadError`), `hf_layout`
-(the parameter table: NNX path <-> HF tensor names and shapes) and `hf_weights` (safetensors ->
-`Transformer`, `load_model`); this module loads tokenizers, pairs them with models, saves folders,
-and re-exports the public names of the others, so `jaxppo.models.hf` stays the one import.
+(the parameter table: NNX path <-> HF tensor names and shapes) and `hf_weights` (safetensors <->
+`Transformer`: `load_model`, `to_hf_tensors`); this module loads tokenizers, pairs them with models,
+saves folders, and re-exports the public names of the others, so `jaxppo.models.hf` stays the one import.
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from jaxppo.models.hf_config import (
     SUPPORTED_MODEL_TYPES,
@@ -35,8 +32,8 @@ from jaxppo.models.hf_config import (
     config_from_hf,
     config_to_hf,
 )
-from jaxppo.models.hf_layout import _layout, hf_tensor_shapes, iter_hf_tensor_specs
-from jaxppo.models.hf_weights import load_model
+from jaxppo.models.hf_layout import hf_tensor_shapes, iter_hf_tensor_specs
+from jaxppo.models.hf_weights import load_model, to_hf_tensors
 from jaxppo.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
@@ -100,22 +97,6 @@ def load_backbone_with_fresh_head(
 
 
 # ----------------------------------------------------------------------------- saving
-
-
-def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
-    """The model's parameters as HF tensors (torch layout); tied LM heads are not written, as HF does."""
-    config = model.config
-    prefix = "transformer." if config.arch == "gpt2" else "model."
-    params = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    out = {}
-    for entry in _layout(config, model.head, prefix):
-        a = np.asarray(jax.device_get(params[entry.path]))
-        axis = 1 if entry.kind == "linear" else 0
-        sizes = np.cumsum([shape[0] for _, shape in entry.parts])[:-1]
-        for (key, shape), part in zip(entry.parts, np.split(a, sizes, axis=axis)):
-            out[key] = np.ascontiguousarray(part.T if entry.kind == "linear" else part)
-            assert out[key].shape == shape, (key, out[key].shape, shape)
-    return out
 
 
 def save_pretrained(model: Transformer, tokenizer, path: str) -> None:

@@ -2,7 +2,8 @@
 
 `config_from_hf` checks a config dict field by field (each message names the file and key);
 `config_to_hf` writes one back (the kept original when the model was loaded from a folder) with
-`architectures` set for the head. The public names are re-exported by `jaxppo.models.hf`.
+`architectures` set for the head; `read_config` reads a folder's config.json. The public names
+are re-exported by `jaxppo.models.hf`.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def config_to_hf(config: TransformerConfig, head: str = "lm") -> dict:
     return d
 
 
-def _read_config(path: str) -> dict:
+def read_config(path: str) -> dict:
+    """The config.json of the model folder `path` as a dict; `ModelLoadError` names what is wrong."""
     if not os.path.isdir(path):
         raise ModelLoadError(f"{path}: model folder does not exist")
     cfg_path = os.path.join(path, "config.json")

@@ -1,7 +1,7 @@
 """The parameter table: each NNX parameter of a `Transformer` and the HF tensors (names, shapes) it is made of.
 
-Reading (`jaxppo.models.hf_weights`), writing (`jaxppo.models.hf.to_hf_tensors`) and the tiny
-random checkpoints (`jaxppo.models.tiny`, through `iter_hf_tensor_specs`) all walk this one table.
+Reading and writing weights (`jaxppo.models.hf_weights`) and the tiny random checkpoints
+(`jaxppo.models.tiny`, through `iter_hf_tensor_specs`) all walk this one table, `param_table`.
 Layout: our fused kernels are `[in, out]`; HF `nn.Linear` weights are `[out, in]` (transposed,
 q/k/v and gate/up concatenated along `out`); GPT-2 `Conv1D` weights are already `[in, out]`.
 """
@@ -15,7 +15,7 @@ from jaxppo.models.transformer import TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class ParamEntry:
     """One NNX parameter and the HF tensors it is made of.
 
     kind "linear": HF `[out_i, in]` parts, ours = concat(part.T, axis=1) -> `[in, sum out_i]`.
@@ -27,12 +27,18 @@ class _Entry:
     parts: tuple[tuple[str, tuple[int, ...]], ...]  # (HF key, HF shape)
 
 
-def _layout(c: TransformerConfig, head: str, prefix: str, *, with_lm_head: bool = True) -> list[_Entry]:
-    """The full parameter table of a model with the given config, head and HF key prefix."""
+def hf_key_prefix(config: TransformerConfig) -> str:
+    """The prefix transformers writes before the backbone's tensor names."""
+    return "transformer." if config.arch == "gpt2" else "model."
+
+
+def param_table(c: TransformerConfig, head: str, prefix: str) -> list[ParamEntry]:
+    """Every parameter of a model with the given config and head, with its HF tensors under the
+    key prefix `prefix` (`hf_key_prefix`, or "" for checkpoints written without one)."""
     e = []
 
     def add(path, kind, *parts):
-        e.append(_Entry(path, kind, tuple(parts)))
+        e.append(ParamEntry(path, kind, tuple(parts)))
 
     h, v = c.hidden_size, c.vocab_size
     if c.arch == "gpt2":
@@ -77,7 +83,7 @@ def _layout(c: TransformerConfig, head: str, prefix: str, *, with_lm_head: bool 
                     (f"{mlp}gate_proj.bias", (inter,)), (f"{mlp}up_proj.bias", (inter,)))
                 add(f"{our}mlp.fc_out.bias", "copy", (f"{mlp}down_proj.bias", (h,)))
         add("final_norm.scale", "copy", (f"{prefix}norm.weight", (h,)))
-    if head == "lm" and not c.tie_word_embeddings and with_lm_head:
+    if head == "lm" and not c.tie_word_embeddings:
         add("lm_head.kernel", "linear", ("lm_head.weight", (v, h)))
     if head == "scalar":
         add("score.kernel", "linear", ("score.weight", (1, h)))
@@ -86,15 +92,13 @@ def _layout(c: TransformerConfig, head: str, prefix: str, *, with_lm_head: bool 
 
 def hf_tensor_shapes(config: TransformerConfig, head: str = "lm") -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, as transformers' *ForCausalLM / *ForSequenceClassification saves it."""
-    prefix = "transformer." if config.arch == "gpt2" else "model."
-    return {k: s for entry in _layout(config, head, prefix) for k, s in entry.parts}
+    return {k: s for entry in param_table(config, head, hf_key_prefix(config)) for k, s in entry.parts}
 
 
 def iter_hf_tensor_specs(config: TransformerConfig, head: str = "lm") -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(HF key, shape, role) for every tensor a folder of this config holds, in a fixed order;
     role is "norm" (ones), "bias" (zeros) or "weight" (random). Used by `jaxppo.models.tiny`."""
-    prefix = "transformer." if config.arch == "gpt2" else "model."
-    for entry in _layout(config, head, prefix):
+    for entry in param_table(config, head, hf_key_prefix(config)):
         role = "norm" if entry.path.endswith(".scale") else ("bias" if entry.path.endswith(".bias") else "weight")
         for key, shape in entry.parts:
             yield key, shape, role

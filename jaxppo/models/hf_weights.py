@@ -1,9 +1,11 @@
-"""HF folder -> `Transformer`: safetensors (single or sharded) read tensor by tensor into NNX parameters.
+"""HF weights <-> `Transformer`: safetensors (single or sharded) read tensor by tensor into NNX
+parameters (`load_model`), and the parameters written back as HF tensors (`to_hf_tensors`).
 
 No torch: tensors are read with `safetensors.safe_open(framework="numpy")` (bf16 through the
-"flax" framework, since NumPy has no bfloat16). `load_model` (no tokenizer) is re-exported by
-`jaxppo.models.hf`, whose `load_causal_lm` / `load_reward_model` / `load_backbone_with_fresh_head`
-wrap it.
+"flax" framework, since NumPy has no bfloat16). Both directions walk `hf_layout.param_table`.
+`load_model` (no tokenizer) is re-exported by `jaxppo.models.hf`, whose `load_causal_lm` /
+`load_reward_model` / `load_backbone_with_fresh_head` wrap it and whose `save_pretrained` writes
+`to_hf_tensors`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxppo.models.hf_config import ModelLoadError, _read_config, config_from_hf
-from jaxppo.models.hf_layout import _Entry, _layout
+from jaxppo.models.hf_config import ModelLoadError, config_from_hf, read_config
+from jaxppo.models.hf_layout import ParamEntry, hf_key_prefix, param_table
 from jaxppo.models.transformer import Transformer
 
 
@@ -88,7 +90,7 @@ def _np_dtype(dtype: Any) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
 
 
-def _assemble(entry: _Entry, tensors: _Tensors, dtype: np.dtype) -> np.ndarray:
+def _assemble(entry: ParamEntry, tensors: _Tensors, dtype: np.dtype) -> np.ndarray:
     arrays = []
     for key, shape in entry.parts:
         if key not in tensors:
@@ -141,7 +143,7 @@ def load_model(
     """
     if fresh_head and head != "scalar":
         raise ValueError(f"load_model: fresh_head=True needs head='scalar', got head={head!r}")
-    d = _read_config(path)
+    d = read_config(path)
     cfg_path = os.path.join(path, "config.json")
     config = config_from_hf(d, source=cfg_path)
     param_dtype = dtype if param_dtype is None else param_dtype
@@ -151,10 +153,10 @@ def load_model(
             raise ModelLoadError(f"{cfg_path}: a reward/value model needs num_labels=1, got {labels}")
     tensors = _Tensors(path)
     # transformers writes "transformer." / "model." prefixes; some old checkpoints have none
-    prefix, embed = ("transformer.", "wte.weight") if config.arch == "gpt2" else ("model.", "embed_tokens.weight")
+    prefix, embed = hf_key_prefix(config), ("wte.weight" if config.arch == "gpt2" else "embed_tokens.weight")
     if prefix + embed not in tensors and embed in tensors:
         prefix = ""
-    entries = _layout(config, head, prefix)
+    entries = param_table(config, head, prefix)
     archs = d.get("architectures")
     if head == "scalar" and not fresh_head and "score.weight" not in tensors:
         raise ModelLoadError(f"{tensors.file('score.weight')}: missing tensor 'score.weight': {path} is not a "
@@ -177,3 +179,18 @@ def load_model(
         w = std * jax.random.normal(jax.random.key(seed), (config.hidden_size, 1), jnp.float32)
         arrays["score.kernel"] = np.asarray(w).astype(np_dtype)
     return _build(config, head, arrays, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """The model's parameters as HF tensors (torch layout); tied LM heads are not written, as HF does."""
+    config = model.config
+    params = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {}
+    for entry in param_table(config, model.head, hf_key_prefix(config)):
+        a = np.asarray(jax.device_get(params[entry.path]))
+        axis = 1 if entry.kind == "linear" else 0
+        sizes = np.cumsum([shape[0] for _, shape in entry.parts])[:-1]
+        for (key, shape), part in zip(entry.parts, np.split(a, sizes, axis=axis)):
+            out[key] = np.ascontiguousarray(part.T if entry.kind == "linear" else part)
+            assert out[key].shape == shape, (key, out[key].shape, shape)
+    return out

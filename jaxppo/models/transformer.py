@@ -23,10 +23,10 @@ Attention is two einsums with a boolean mask over the whole cache (fixed shapes,
 step serves every decode position inside `lax.while_loop`); queries are reshaped to
 `[B, S, Hkv, G, D]` so grouped K/V heads are never repeated.
 
-The pieces live in `jaxppo.models.arch` (`TransformerConfig` and the tables it validates against)
-and `jaxppo.models.blocks` (RoPE tables, `Attention`, `MLP`, `Block`, `select_rows`); this module
-holds the `Transformer` itself, its `KVCache` and the mask/position helpers, and re-exports the
-public names of the others, so `jaxppo.models.transformer` stays the one import.
+The pieces: `jaxppo.models.arch` (`TransformerConfig`, re-exported here with the model it
+configures), `jaxppo.models.layers` (`Dense`, `Norm`), `jaxppo.models.rope` and
+`jaxppo.models.blocks` (`Attention`, `MLP`, `Block`); this module holds the `Transformer` itself,
+its `KVCache` and the mask/position helpers.
 """
 
 from __future__ import annotations
@@ -38,31 +38,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxppo.models.arch import (
-    ACTIVATIONS,
-    ARCHS,
-    MODEL_TYPES,
-    ROPE_TYPES,
-    TransformerConfig,
-)
-from jaxppo.models.blocks import (
-    _INIT,
-    MLP,
-    Attention,
-    Block,
-    _apply_rope,  # noqa: F401  (re-exported: was importable from here)
-    _remat_block,
-    _rope_tables,
-    rope_inv_freq,
-    select_rows,
-)
-from jaxppo.models.layers import Dense, Norm
+from jaxppo.models.arch import TransformerConfig
+from jaxppo.models.blocks import Block, remat_block
+from jaxppo.models.layers import WEIGHT_INIT, Dense, Norm
+from jaxppo.models.rope import rope_tables
 
-__all__ = [
-    "ACTIVATIONS", "ARCHS", "HEADS", "MLP", "MODEL_TYPES", "ROPE_TYPES", "Attention", "Block", "KVCache",
-    "Transformer", "TransformerConfig", "last_token_index", "positions_from_mask", "rope_inv_freq",
-    "select_rows", "sequence_scores",
-]
+__all__ = ["HEADS", "KVCache", "Transformer", "TransformerConfig", "last_token_index", "positions_from_mask",
+           "sequence_scores"]
 
 HEADS = ("lm", "scalar")
 
@@ -146,16 +128,17 @@ class Transformer(nnx.Module):
         self.param_dtype = param_dtype
         self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed = nnx.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT, **kw)
+        self.embed = nnx.Embed(c.vocab_size, c.hidden_size, embedding_init=WEIGHT_INIT, **kw)
         learned_positions = c.arch == "gpt2"
         self.pos_embed = (
-            nnx.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=_INIT, **kw) if learned_positions else None
+            nnx.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=WEIGHT_INIT, **kw)
+            if learned_positions else None
         )
         self.layers = nnx.List([Block(c, **kw) for _ in range(c.num_layers)])
         self.final_norm = Norm(
             c.hidden_size, rms=c.arch == "llama", eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype
         )
-        lin = dict(use_bias=False, kernel_init=_INIT, **kw)
+        lin = dict(use_bias=False, kernel_init=WEIGHT_INIT, **kw)
         untied = head == "lm" and not c.tie_word_embeddings
         self.lm_head = Dense(c.hidden_size, c.vocab_size, **lin) if untied else None  # tied: embed^T
         self.score = Dense(c.hidden_size, 1, **lin) if head == "scalar" else None
@@ -172,8 +155,8 @@ class Transformer(nnx.Module):
         if c.arch == "gpt2":
             x = x + jnp.take(self.pos_embed.embedding[...], positions, axis=0, mode="clip").astype(self.dtype)
         else:
-            rope = _rope_tables(c, positions)
-        block = _remat_block if self.remat else Block.__call__
+            rope = rope_tables(c, positions)
+        block = remat_block if self.remat else Block.__call__
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])

@@ -6,19 +6,12 @@
     ckpt.close()
 
 One step folder holds (DESIGN §3, `checkpoints/<step>/`):
-  state/   the `TrainState` arrays, orbax StandardSave, *packed*: every small replicated leaf
-           (biases, norms, optimiser moments of small models, counters, keys) is concatenated into
-           one flat array per dtype; large or sharded leaves are stored one by one
+  state/   the `TrainState` arrays, orbax StandardSave, *packed* (`jaxppo.run.packing`): the small
+           replicated leaves in one flat array per dtype, large or sharded leaves one by one
   layout/  JSON: each leaf's name ("policy.layers.0.attn.qkv.kernel.value"), shape, dtype and where
            it lives (packed group + offset, or its own array); restore checks it against the model
   host/    a JSON dict of host-side state (data-iterator position, early stopping, config fingerprint)
   metrics/ written by orbax when `best_metric` is set, so the "best" checkpoint survives a restart
-
-Why packed: orbax's cost is per leaf (a PPO state has ~200 leaves: ~0.66 s of CPU per save for a
-tiny model, against ~0.07 s for the same bytes in three arrays), and a save every few steps on a
-small model would otherwise cost a large share of the training time. Leaves over
-`PACK_MAX_ELEMENTS` and sharded leaves are not packed: they are written as orbax writes any array.
-The packing lives here; reading it back (and `CheckpointError`) is `jaxppo.run.checkpoint_layout`.
 
 Crash safety (DESIGN §5) rests on orbax's protocol on a local disk: a step is written under
 `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only once every item is on disk, and old
@@ -40,26 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxppo.run.checkpoint_layout import (
-    CheckpointError,
-    _abstract,
-    _check_compatible,
-    _key_tail,
-    _one_line,
-    _restore_target,
-    _unpack,
-    _UnreadableCheckpoint,
-)
 from jaxppo.engine.mesh import path_str
+from jaxppo.errors import JaxppoError
+from jaxppo.run.packing import PACK_MAX_ELEMENTS, mismatch, pack, restore_target, unpack
 
-__all__ = ["Checkpointer", "CheckpointError", "find_checkpoint_dir"]
+__all__ = ["Checkpointer", "CheckpointError", "find_checkpoint_dir", "PACK_MAX_ELEMENTS"]
 
 _STATE, _HOST, _LAYOUT = "state", "host", "layout"   # item names inside a step folder
-PACK_MAX_ELEMENTS = 1 << 20   # leaves up to this size (and fully replicated) are packed
+
+
+class CheckpointError(JaxppoError, ValueError):
+    """A checkpoint that is missing, unreadable, or made for a different model."""
+
+
+class _UnreadableCheckpoint(CheckpointError):
+    """A step folder that exists but cannot be read; `restore(None, ...)` falls back past it."""
 
 
 class Checkpointer:
@@ -73,16 +64,20 @@ class Checkpointer:
       async_save: write in a background thread; `save` returns once the arrays are copied off
         the device, so training goes on (and may donate the state) while the write finishes.
       read_only: never write or delete anything (to restore from another run's folder).
+      pack_max_elements: fully replicated leaves up to this many elements are packed together
+        (`jaxppo.run.packing`); bigger ones are saved as arrays of their own.
     """
 
     def __init__(self, directory, *, keep: int = 3, best_metric: str | None = None,
-                 best_mode: str = "max", async_save: bool = True, read_only: bool = False):
+                 best_mode: str = "max", async_save: bool = True, read_only: bool = False,
+                 pack_max_elements: int = PACK_MAX_ELEMENTS):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
+        self.pack_max_elements = pack_max_elements
         self._pending: int | None = None    # step of the async save that may still be writing
         self._in_save = False
         if not read_only:
@@ -149,7 +144,7 @@ class Checkpointer:
                 self.wait()
                 if step in self._manager.all_steps():
                     return False
-            arrays, layout = _pack(state)
+            arrays, layout = pack(state, self.pack_max_elements)
             args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(arrays),
                                          _HOST: ocp.args.JsonSave(host_state),
                                          _LAYOUT: ocp.args.JsonSave(layout)})
@@ -246,14 +241,16 @@ class Checkpointer:
                                         f"{_one_line(e)})") from e
         paths, treedef = jax.tree_util.tree_flatten_with_path(target)
         wanted = [(path_str(path), want) for path, want in paths]
-        _check_compatible(leaves, wanted, where)
-        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(_restore_target(layout, wanted)),
+        problem = mismatch(leaves, wanted)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {where} does not fit this model: {problem}")
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(restore_target(layout, wanted)),
                                      _HOST: ocp.args.JsonRestore()})
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - tensorstore/json/io errors all mean unreadable
             raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable ({_one_line(e)})") from e
-        state = jax.tree.unflatten(treedef, _unpack(restored[_STATE], layout, wanted))
+        state = jax.tree.unflatten(treedef, unpack(restored[_STATE], layout, wanted))
         host = restored[_HOST]
         if not isinstance(host, dict):
             raise _UnreadableCheckpoint(f"checkpoint {where} is unreadable (no '{_HOST}' state)")
@@ -304,50 +301,26 @@ def _remove_temporary_dirs(directory: Path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-_PLANS: dict = {}   # (threshold, treedef, leaf avals + shardings) -> packing plan; a run's state keeps one
+def _abstract(tree):
+    """ShapeDtypeStruct leaves with a sharding, so arrays restore onto this process's devices
+    rather than onto the devices named in the checkpoint (which may not exist here)."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            if x.sharding is not None:
+                return x
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default, weak_type=x.weak_type)
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, (np.ndarray, np.generic, int, float, bool)):   # restored as arrays
+            x = np.asarray(x)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+        return x
+
+    return jax.tree.map(leaf, tree)
 
 
-def _plan(leaves, treedef, state):
-    """The layout and grouping of a state, computed once per structure (the per-leaf Python work
-    of a save is otherwise a noticeable share of its cost)."""
-    key = (PACK_MAX_ELEMENTS, treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
-    layout, groups, singles, keys, sizes = [], {}, [], [], {}
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-    for i, (path, x) in enumerate(zip(paths, leaves)):
-        entry = {"name": path_str(path), "shape": list(x.shape), "dtype": str(x.dtype)}
-        size = x.size
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            entry["key_impl"] = str(jax.random.key_impl(x))   # stored as its raw key data
-            keys.append(i)
-            size *= int(np.prod(_key_tail(entry)))
-        if size <= PACK_MAX_ELEMENTS and x.sharding.is_fully_replicated:
-            g = str(jax.random.key_data(x).dtype if i in keys else x.dtype)
-            entry.update(group=g, offset=sizes.get(g, 0))
-            sizes[g] = entry["offset"] + size
-            groups.setdefault(g, []).append(i)
-        else:
-            entry["index"] = len(singles)
-            singles.append(i)
-        layout.append(entry)
-    if len(_PLANS) > 8:
-        _PLANS.clear()
-    plan = _PLANS[key] = ({"format": 1, "leaves": layout}, groups, singles, keys)
-    return plan
-
-
-def _pack(state) -> tuple[dict, dict]:
-    """(arrays to save, JSON layout). Small fully replicated leaves are copied to the host in one
-    transfer and concatenated per dtype there (what orbax would copy anyway); big or sharded ones
-    stay device arrays that orbax writes shard by shard."""
-    leaves, treedef = jax.tree.flatten(state)
-    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
-    layout, groups, singles, keys = _plan(leaves, treedef, state)
-    for i in keys:
-        leaves[i] = jax.random.key_data(leaves[i])
-    order = [i for idx in groups.values() for i in idx]
-    host = dict(zip(order, jax.device_get([leaves[i] for i in order])))
-    packed = {g: np.concatenate([np.ravel(host[i]) for i in idx]) for g, idx in groups.items()}
-    return {"packed": packed, "leaves": [leaves[i] for i in singles]}, layout
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"

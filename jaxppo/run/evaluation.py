@@ -1,15 +1,16 @@
-"""Evaluation of a PPOTrainer's policy on held-out prompts, in the foreground or overlapping a step.
+"""Evaluation of the policy on held-out prompts, in the foreground or overlapping a step.
 
-`EvaluationMixin` is the part of `PPOTrainer` behind `trainer.evaluate(prompts)`: one compiled
-program (`programs.evaluate`) dispatched per batch under fixed keys, then reward functions, means
-and samples on the host. During `train`, `_eval_start` runs the device part in an `EvalJob`
-thread and `_eval_join` finishes it one step later.
+`Evaluator.evaluate(prompts, policy)`: one compiled program (`programs.evaluate`: sampling and
+the reference / reward-model forwards, no critic) dispatched per batch under fixed keys, then
+reward functions, means and samples on the host. During `train`, `start` runs the device part in
+an `EvalJob` thread and `join` finishes it one step later.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,92 +22,97 @@ from jaxppo.engine.mesh import replicated, shard_batch
 EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same keys at every eval
 
 
-class EvaluationMixin:
-    """`evaluate` and its pieces. Reads the trainer's `config`, `state`, `frozen`, `programs`,
-    `mesh`, `tokenizer`, `eos_ids`, `pad_id`, `logger` and, once `train` has set it, `_prompt_len`
-    (eval prompts then pad to the train prompts' length, unless longer); keeps its padded-prompt cache in
-    `_eval_cache`; calls the trainer's `_tokenize`, `_function_scores` and `_log`."""
+class Evaluator:
+    """Evaluates a policy's parameters with `programs.evaluate` on the policy's mesh.
 
-    def evaluate(self, eval_dataset, step: int | None = None, *, log: bool = True) -> dict:
-        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate.
+    encode(prompts) -> (ids, mask): the run's prompt tokenizer; score(prompts, response, mask) ->
+    float32 [B]: the run's reward functions. Eval prompts are padded to at least `prompt_len`
+    tokens (the train prompts' length, which `train` sets), so that one program serves both."""
 
-        Its own program (`programs.evaluate`: sampling + reference and reward-model forwards, no
-        critic), compiled once for one batch size: by default every eval prompt in one batch (up to
-        4 x train.batch_size), so an evaluation is a single dispatch. During `train` it runs in a
-        background thread while the next step trains (`train.async_eval`)."""
-        prompts = list(eval_dataset)
+    def __init__(self, *, evaluate: Callable, frozen, mesh, encode: Callable, score: Callable, decode: Callable,
+                 eos_ids: tuple[int, ...], pad_id: int, seed: int, batch_size: int | None, train_batch_size: int,
+                 forward_batch_size: int | None, num_samples: int):
+        self.program, self.frozen, self.mesh = evaluate, frozen, mesh
+        self.encode, self.score, self.decode = encode, score, decode
+        self.eos_ids, self.pad_id = eos_ids, pad_id
+        self.base_key = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_KEY_SALT)
+        self.batch_size_setting, self.train_batch_size = batch_size, train_batch_size
+        self.forward_batch_size, self.num_samples = forward_batch_size, num_samples
+        self.prompt_len = 0
+        self.padded: tuple[tuple, np.ndarray, np.ndarray] | None = None   # (prompts, ids, mask) of the last call
+
+    def evaluate(self, prompts: list, policy, step: int, logger=None) -> dict:
+        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate (and
+        the metrics and samples to `logger`)."""
         if not prompts:
             return {}
-        return self._eval_finish(prompts, self._eval_dispatch(prompts, self.state.policy), step, log)
+        return self.finish(prompts, self.dispatch(prompts, policy), step, logger)
 
-    def _eval_dispatch(self, prompts, policy) -> list:
+    def dispatch(self, prompts, policy) -> list:
         """Dispatch every evaluation batch: [(prompt indices, real rows, EvalOutput)]."""
-        ids, mask = self._eval_arrays(prompts)
-        bs = self._eval_batch_size(len(prompts))
-        base = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), EVAL_KEY_SALT)
+        ids, mask = self.arrays(prompts)
+        bs = self.batch_size(len(prompts))
         pending = []
         for b, start in enumerate(range(0, len(prompts), bs)):
             idx = np.arange(start, start + bs) % len(prompts)     # wrap the last batch: one shape, one compile
-            key = jax.device_put(jax.random.fold_in(base, b), replicated(self.mesh))
-            out = self.programs.evaluate(policy, self.frozen, shard_batch(ids[idx], self.mesh),
-                                         shard_batch(mask[idx], self.mesh), key)
+            key = jax.device_put(jax.random.fold_in(self.base_key, b), replicated(self.mesh))
+            out = self.program(policy, self.frozen, shard_batch(ids[idx], self.mesh), shard_batch(mask[idx], self.mesh),
+                               key)
             pending.append((idx, min(bs, len(prompts) - start), out))
         return pending
 
-    def _eval_finish(self, prompts, pending, step, log) -> dict:
+    def finish(self, prompts, pending, step: int, logger) -> dict:
         """Host side of an evaluation: reward functions, means, samples, logging."""
         scores, kls, lengths, eos, samples = [], [], [], [], []
         for idx, n_real, out in pending:
             batch_prompts = [prompts[i] for i in idx]
-            s = self._function_scores(batch_prompts, out) + np.asarray(out.rm_scores)
             m, resp = np.asarray(out.mask), np.asarray(out.response)
+            s = self.score(batch_prompts, resp, m) + np.asarray(out.rm_scores)
             has_eos = (np.isin(resp, self.eos_ids) & (m > 0)).any(-1) if self.eos_ids else np.zeros(len(m), bool)
             scores.append(s[:n_real]); kls.append(np.asarray(out.kl)[:n_real]); lengths.append(m.sum(-1)[:n_real])
             eos.append(has_eos[:n_real])
-            for i in range(min(n_real, self.config.train.num_samples_logged - len(samples))):
-                samples.append({"prompt": batch_prompts[i],
-                                "response": self.tokenizer.decode(resp[i][m[i] > 0], skip_special_tokens=True),
+            for i in range(min(n_real, self.num_samples - len(samples))):
+                samples.append({"prompt": batch_prompts[i], "response": self.decode(resp[i][m[i] > 0]),
                                 "score": float(s[i])})
         metrics = {"objective/scores": float(np.concatenate(scores).mean()),
                    "objective/kl": float(np.concatenate(kls).mean()),
                    "response_length": float(np.concatenate(lengths).mean()),
                    "eos_rate": float(np.concatenate(eos).mean()),
                    "num_prompts": float(len(prompts))}
-        if log and self.logger is not None:
-            step = int(self.state.step) if step is None else step
-            self.logger.log_metrics(metrics, step=step, split="eval")
-            self.logger.log_samples(samples, step=step)
+        if logger is not None:
+            logger.log_metrics(metrics, step=step, split="eval")
+            logger.log_samples(samples, step=step)
         return metrics
 
-    def _eval_start(self, prompts, step: int) -> EvalJob:
-        """Evaluate the current policy in a background thread: its device work overlaps the next
-        training step. The thread reads a copy of the policy (the next update donates the state);
-        reward functions and logging run later on this thread, in `_eval_join`."""
-        policy = _copy_tree(self.state.policy)
-        return EvalJob(step, lambda: jax.device_get(self._eval_dispatch(prompts, policy)))
+    def start(self, prompts, policy, step: int) -> EvalJob:
+        """Evaluate `policy` in a background thread: its device work overlaps the next training
+        step. The thread reads a copy of the policy (the next update donates the state); reward
+        functions and logging run later on the caller's thread, in `join`."""
+        policy = copy_tree(policy)
+        return EvalJob(step, lambda: jax.device_get(self.dispatch(prompts, policy)))
 
-    def _eval_join(self, job: EvalJob, prompts) -> dict:
-        metrics = self._eval_finish(prompts, job.result(), job.step, True)
-        self._log(format_metrics("eval", job.step, metrics))
+    def join(self, job: EvalJob, prompts, logger) -> dict:
+        metrics = self.finish(prompts, job.result(), job.step, logger)
+        if logger is not None:
+            logger.log(format_metrics("eval", job.step, metrics))
         return metrics
 
-    def _eval_batch_size(self, n_prompts: int) -> int:
+    def batch_size(self, n_prompts: int) -> int:
         """train.eval_batch_size, or all `n_prompts` (at most 4 x train.batch_size) rounded up to a
         multiple of the device count and of rollout.forward_batch_size."""
-        t = self.config.train
-        if t.eval_batch_size:
-            return t.eval_batch_size
-        unit = math.lcm(self.mesh.devices.size, self.config.rollout.forward_batch_size or 1)
-        bs = min(n_prompts, 4 * t.batch_size)
+        if self.batch_size_setting:
+            return self.batch_size_setting
+        unit = math.lcm(self.mesh.devices.size, self.forward_batch_size or 1)
+        bs = min(n_prompts, 4 * self.train_batch_size)
         return -(-bs // unit) * unit
 
-    def _eval_arrays(self, prompts):
+    def arrays(self, prompts):
+        """Token ids and mask of `prompts`, padded to at least `prompt_len` (cached for the last list)."""
         key = tuple(prompts)
-        if getattr(self, "_eval_cache", (None,))[0] != key:
-            ids, mask = self._tokenize(prompts, source=self.config.data.eval_prompts)
-            length = max(getattr(self, "_prompt_len", 0), ids.shape[1])
-            self._eval_cache = (key, *pad_prompts(ids, mask, length, self.pad_id))
-        return self._eval_cache[1], self._eval_cache[2]
+        if self.padded is None or self.padded[0] != key:
+            ids, mask = self.encode(prompts)
+            self.padded = (key, *pad_prompts(ids, mask, max(self.prompt_len, ids.shape[1]), self.pad_id))
+        return self.padded[1], self.padded[2]
 
 
 def format_metrics(split, step, metrics):
@@ -114,7 +120,7 @@ def format_metrics(split, step, metrics):
     return f"{split} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
-_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 class EvalJob:
@@ -122,23 +128,23 @@ class EvalJob:
 
     def __init__(self, step: int, fn):
         self.step = step
-        self._out = self._error = None
+        self.out = self.error = None
 
         def run():
             try:
-                self._out = fn()
+                self.out = fn()
             except BaseException as e:  # noqa: BLE001 - handed to the training thread
-                self._error = e
+                self.error = e
 
-        self._thread = threading.Thread(target=run, name=f"jaxppo-eval-{step}", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=run, name=f"jaxppo-eval-{step}", daemon=True)
+        self.thread.start()
 
     def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._out
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.out
 
     def abandon(self):
         """Wait for the thread (it holds device buffers) and drop its result or error."""
-        self._thread.join()
+        self.thread.join()

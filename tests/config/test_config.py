@@ -39,28 +39,38 @@ def test_defaults_are_valid_and_frozen():
     assert hash(load_config(None, ["reward.functions=[m:f]"])) == hash(load_config(None, ["reward.functions=[m:f]"]))
 
 
-def test_overrides_merge_into_the_read_only_nodes_of_frozen_sections():
+def test_overrides_merge_into_the_read_only_nodes_of_frozen_sections(monkeypatch):
     """OmegaConf marks a frozen dataclass's node read-only; omegaconf 2.3.0 (inside the supported
     range) then refused every YAML value and override ("model.policy: expected str, got '/x'").
-    load_config clears the flag on every mapping of the schema, the null optional sections too."""
+    load_config clears the flag on every mapping of the schema, the null optional sections too:
+    here the schema is built read-only, as 2.3.0 builds it, and the merge must see none of it."""
     from omegaconf import DictConfig, OmegaConf
 
-    from jaxppo.config.loading import _writable
-
-    def read_only(node, path=""):
-        found = [path] if node._get_flag("readonly") else []
+    def mappings(node, path=""):
+        yield path, node
         if not node._is_none():
             for key, child in node.items_ex(resolve=False):
                 if isinstance(child, DictConfig):
-                    found += read_only(child, f"{path}.{key}")
-        return found
+                    yield from mappings(child, f"{path}.{key}")
 
-    schema = OmegaConf.structured(PPOConfig)
-    OmegaConf.set_readonly(schema.model, True)  # as omegaconf 2.3.0 leaves every section
-    assert ".model" in read_only(schema)
-    assert read_only(_writable(schema)) == []
+    structured, merge = OmegaConf.structured, OmegaConf.merge
+    read_only_at_merge = []
+
+    def read_only_structured(obj, *args, **kwargs):
+        schema = structured(obj, *args, **kwargs)
+        for _, node in mappings(schema):
+            OmegaConf.set_readonly(node, True)
+        return schema
+
+    def spy_merge(schema, *others):
+        read_only_at_merge.extend(path for path, node in mappings(schema) if node._get_flag("readonly"))
+        return merge(schema, *others)
+
+    monkeypatch.setattr(OmegaConf, "structured", read_only_structured)
+    monkeypatch.setattr(OmegaConf, "merge", spy_merge)
     config = load_config(None, ["model.policy=/x/y", "ppo.adaptive_kl.target=3.0", "optim.plateau.patience=2"])
     assert (config.model.policy, config.ppo.adaptive_kl.target, config.optim.plateau.patience) == ("/x/y", 3.0, 2)
+    assert read_only_at_merge == []
 
 
 def test_describe_fields_covers_every_field_with_help():

@@ -84,10 +84,10 @@ def test_clip_equals_optax_and_takes_the_callers_norm(scale):
 
 
 def test_the_update_computes_each_norm_once(monkeypatch):
-    """ppo_update passes the norm it computed (metrics, non-finite check) to the clip."""
-    from test_update import make_batch, models_and_sgd
+    """The update passes the norm it computed (metrics, non-finite check) to the clip."""
+    from test_update import make_batch, models_and_sgd, ppo_update
 
-    from jaxppo.engine.update import UpdateSettings, ppo_update
+    from jaxppo.engine.update import UpdateSettings
 
     graphs, params, _ = models_and_sgd()
     txs = tuple(make_optimizer(cfg(lr=1e-3, max_grad_norm=1.0), total_updates=10)[0] for _ in range(2))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxppo.models.hf import load_model
-from jaxppo.engine.sampling import SamplingParams, _generate_jit, filter_logits, generate
+from jaxppo.engine.sampling import SamplingParams, generate_program, filter_logits, generate
 
 from helpers import left_padded_batch, small_model
 
@@ -106,9 +106,9 @@ def test_no_recompile_on_second_call():
     ids, mask = left_padded_batch()
     params = SamplingParams(max_new_tokens=5, temperature=0.7, pad_token_id=1, stop_at_eos=False)
     generate(model, ids, mask, jax.random.PRNGKey(0), params)
-    n = _generate_jit._cache_size()
+    n = generate_program._cache_size()
     generate(model, ids + 0, mask, jax.random.PRNGKey(1), params)
-    assert _generate_jit._cache_size() == n
+    assert generate_program._cache_size() == n
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

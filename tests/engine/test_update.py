@@ -1,4 +1,4 @@
-"""ppo_update: token-exact gradient accumulation, the loss goes down on a fixed batch, metrics."""
+"""The update (`model_update` on each model's objective, `update_metrics`): token-exact gradient accumulation, the loss goes down on a fixed batch, metrics."""
 
 import dataclasses
 
@@ -9,7 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxppo.engine.update import PPOBatch, UpdateSettings, _micro_loss, ppo_update
+from jaxppo.engine.update import (PPOBatch, UpdateSettings, model_update, policy_objective, update_metrics,
+                                  value_objective)
 
 from helpers import left_padded_batch, small_model
 
@@ -41,10 +42,25 @@ def models_and_sgd(lr=1e-3):
     return (pg, cg), (pp, cp), txs
 
 
+T = 0.7   # the sampling temperature the policy objective scores under
+
+
+def objectives(s: UpdateSettings):
+    return policy_objective(s, T), value_objective(s)
+
+
+def ppo_update(graphs, params, opts, batch, key, txs, s: UpdateSettings):
+    """Both models' updates as the iteration runs them (`model_update` on each model's objective)
+    and their metrics (`update_metrics`), in one call."""
+    (pp, po, ps), (cp, co, cs) = [model_update(o, g, p, op, batch, key, tx, s)
+                                  for o, g, p, op, tx in zip(objectives(s), graphs, params, opts, txs)]
+    return (pp, cp), (po, co), update_metrics(ps, cs).as_dict()
+
+
 def joint_loss(params, graphs, mb, n_tokens, s):
-    """The PPO objective of both models (each model's `_micro_loss` share, summed) and their sums."""
-    parts = [_micro_loss(kind, p, g, mb, n_tokens, s) for kind, p, g in zip(("policy", "critic"), params, graphs)]
-    return parts[0][0] + parts[1][0], {**parts[0][1], **parts[1][1]}
+    """The PPO objective of both models (each model's objective share, summed) and their sums."""
+    parts = [o.loss(nnx.merge(g, p), mb, n_tokens) for o, p, g in zip(objectives(s), params, graphs)]
+    return parts[0][0] + parts[1][0], {**parts[0][1]._asdict(), **parts[1][1]._asdict()}
 
 
 def run_update(s: UpdateSettings, batch, lr=1e-3, key=0):
@@ -56,7 +72,7 @@ def run_update(s: UpdateSettings, batch, lr=1e-3, key=0):
 
 def test_grad_accumulation_equals_large_batch():
     batch = make_batch()
-    base = UpdateSettings(epochs=1, num_minibatches=1, grad_accum_steps=1, temperature=0.7, ent_coef=0.01)
+    base = UpdateSettings(epochs=1, num_minibatches=1, grad_accum_steps=1, ent_coef=0.01)
     p1, _, m1 = run_update(base, batch)
     for accum in (2, 8):
         pa, _, ma = run_update(dataclasses.replace(base, grad_accum_steps=accum), batch)
@@ -71,7 +87,7 @@ def test_mean_of_micro_means_would_differ():
     """Guards the test above: with ragged masks a naive average of micro-batch means is different."""
     batch = make_batch()
     graphs, params, _ = models_and_sgd()
-    s = UpdateSettings(temperature=0.7)
+    s = UpdateSettings()
     total = jnp.maximum(batch.mask.sum(), 1.0)
     loss = jax.jit(lambda p, mb, n: joint_loss(p, graphs, mb, n, s)[0])     # eager, it took ~30 s
     full = loss(params, batch, total)
@@ -83,7 +99,7 @@ def test_mean_of_micro_means_would_differ():
 def test_update_lowers_loss_on_fixed_batch():
     batch = make_batch(1)
     graphs, params, _ = models_and_sgd()
-    s = UpdateSettings(epochs=4, num_minibatches=2, temperature=0.7, clip_eps=10.0, clip_value=10.0)
+    s = UpdateSettings(epochs=4, num_minibatches=2, clip_eps=10.0, clip_value=10.0)
     n = batch.mask.sum()
     before, _ = joint_loss(params, graphs, batch, n, s)
     new_params, _, metrics = run_update(s, batch, lr=3e-3)
@@ -97,7 +113,7 @@ def test_update_lowers_loss_on_fixed_batch():
 def test_first_minibatch_ratio_is_one_and_metrics_average_all_minibatches():
     batch = make_batch(2)
     graphs, params, _ = models_and_sgd()
-    s = UpdateSettings(epochs=2, num_minibatches=2, temperature=0.7)
+    s = UpdateSettings(epochs=2, num_minibatches=2)
     # old log-probs from the current policy: the first step's ratio is exactly 1
     from jaxppo.core.losses import logprobs_from_logits
     policy = nnx.merge(graphs[0], params[0])
@@ -150,7 +166,7 @@ def test_remat_under_jit_grad_of_merged_params():
 
 
 def test_global_norm_equals_optax_tree_norm():
-    from jaxppo.engine.update import global_norm
+    from jaxppo.engine.optimizer import global_norm
 
     tree = {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5)), "b": jnp.arange(4.0),
             "s": jnp.float32(2.0), "h": jax.random.normal(jax.random.PRNGKey(1), (6, 1))}
@@ -163,7 +179,7 @@ def test_a_non_finite_step_is_skipped_and_the_others_apply():
     alone; the critic, whose loss does not read advantages, takes both steps."""
     batch = make_batch(4)
     batch = batch.replace(advantages=batch.advantages.at[0, 0].set(jnp.nan))
-    s = UpdateSettings(epochs=1, num_minibatches=2, temperature=0.7)
+    s = UpdateSettings(epochs=1, num_minibatches=2)
     graphs, params, _ = models_and_sgd()
     txs = (optax.adam(1e-3), optax.adam(1e-3))
     opts = tuple(tx.init(p) for tx, p in zip(txs, params))
@@ -191,13 +207,13 @@ def test_a_non_finite_step_is_skipped_and_the_others_apply():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _policy_objective(graph, batch, chunk_bytes, temperature=0.7):
+def _policy_objective(graph, batch, chunk_bytes):
     """A loss on the response log-probs and entropies: (value, (logprobs, entropy))."""
-    from jaxppo.engine.update import response_logprobs
+    from jaxppo.engine.scoring import response_logprobs
 
     def f(params):
         policy = nnx.merge(graph, params)
-        lp, ent = response_logprobs(policy, batch.tokens, batch.attention_mask, batch.response, temperature,
+        lp, ent = response_logprobs(policy, batch.tokens, batch.attention_mask, batch.response, T,
                                     entropy=True, chunk_bytes=chunk_bytes)
         return ((lp * batch.advantages + 0.1 * ent) * batch.mask).sum(), (lp, ent)
     return f
@@ -223,7 +239,7 @@ def test_logits_in_slices_equal_the_whole_with_their_gradients(positions):
 
 def test_an_update_with_sliced_logits_equals_the_whole():
     batch = make_batch(5)
-    s = UpdateSettings(epochs=2, num_minibatches=2, temperature=0.7, ent_coef=0.01)
+    s = UpdateSettings(epochs=2, num_minibatches=2, ent_coef=0.01)
     p0, _, m0 = run_update(s, batch)
     p1, _, m1 = run_update(dataclasses.replace(s, logits_chunk_bytes=2 * (B // 2) * 97 * 4), batch)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
@@ -264,13 +280,13 @@ def test_the_last_token_is_never_run(monkeypatch, arch, backend):
     forward's at the R positions that predict the response (left-padded rows included). On an
     accelerator, where P+R is a multiple of SEQ_ALIGN (here made 11 = P+R), the whole sequence
     runs instead, with the same results."""
-    from jaxppo.engine import update
+    from jaxppo.engine import scoring
+    from jaxppo.engine.scoring import response_logprobs, response_values
     from jaxppo.models.transformer import Transformer
-    from jaxppo.engine.update import response_logprobs, response_values
 
     if backend != "cpu":
-        monkeypatch.setattr(update.jax, "default_backend", lambda: backend)
-        monkeypatch.setattr(update, "SEQ_ALIGN", P + R)
+        monkeypatch.setattr(scoring.jax, "default_backend", lambda: backend)
+        monkeypatch.setattr(scoring, "SEQ_ALIGN", P + R)
 
     batch = make_batch(2)
     policy, critic = small_model(0, arch=arch), small_model(1, arch=arch, head="scalar")
@@ -294,7 +310,7 @@ def test_the_last_token_is_never_run(monkeypatch, arch, backend):
 
 
 def test_forward_length():
-    from jaxppo.engine.update import SEQ_ALIGN, forward_length
+    from jaxppo.engine.scoring import SEQ_ALIGN, forward_length
 
     assert forward_length(384, "cpu") == 383 and forward_length(48, "cpu") == 47
     assert forward_length(384, "gpu") == 384 and forward_length(384, "tpu") == 384
@@ -304,7 +320,7 @@ def test_forward_length():
 
 
 def test_response_shapes_are_checked():
-    from jaxppo.engine.update import response_logprobs, response_values
+    from jaxppo.engine.scoring import response_logprobs, response_values
 
     batch = make_batch(0)
     policy = small_model(0)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxppo.models.layers import Dense, Norm, column_sum, dense, mean_last, scale_shift
+from jaxppo.core.kernels import column_sum, dense, mean_last, scale_shift
+from jaxppo.models.layers import Dense, Norm
 
 
 def _rand(key, shape, dtype=jnp.float32):

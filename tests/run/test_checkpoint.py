@@ -82,14 +82,11 @@ def state():
     return make_state()
 
 
-def test_small_leaves_packed_big_ones_alone(tmp_path, state, monkeypatch):
+def test_small_leaves_packed_big_ones_alone(tmp_path, state):
     """A few arrays per checkpoint (orbax's cost is per array); big leaves are never copied to pack."""
     import json
 
-    import jaxppo.run.checkpoint as C
-
-    monkeypatch.setattr(C, "PACK_MAX_ELEMENTS", 40)
-    with Checkpointer(tmp_path) as ck:
+    with Checkpointer(tmp_path, pack_max_elements=40) as ck:
         ck.save(2, state, HOST)
         ck.wait()
         layout = json.loads((tmp_path / "2" / "layout" / "metadata").read_text())["leaves"]

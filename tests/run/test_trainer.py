@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from jaxppo.config import load_config
+from jaxppo.engine import programs as iteration
 from jaxppo.run.logger import read_metrics
 from jaxppo.models.hf import load_causal_lm
-from jaxppo.run.trainer import NonFiniteError, PPOTrainer, RewardError
+from jaxppo.errors import RewardError
+from jaxppo.run.trainer import NonFiniteError, PPOTrainer
 
 # small and fast: 4 prompts x 8 tokens, 2 epochs x 2 minibatches
 FAST = ["model.tiny_arch=gpt2", "train.batch_size=4", "rollout.max_new_tokens=8", "ppo.epochs=2",
@@ -41,8 +43,8 @@ def test_run_writes_the_run_directory(tmp_path):
     trainer = PPOTrainer(cfg)
     summary = trainer.train()
     # every program compiled once: four iterations and two evaluations, no recompiles
-    assert {name: f._cache_size() for name, f in trainer.programs.programs().items()} == \
-        {name: 1 for name in trainer.programs.programs()}
+    assert {name: f._cache_size() for name, f in trainer.programs.jitted().items()} == \
+        {name: 1 for name in trainer.programs.jitted()}
     run = tmp_path / "run"
     for name in ("config.yaml", "train.log", "metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints",
                  "plots/overview.png", "final_model/config.json", "final_model/model.safetensors"):
@@ -69,7 +71,7 @@ def test_export_loads_back_with_same_logits(tmp_path):
     trainer.train()
     model, tok = load_causal_lm(str(tmp_path / "run" / "final_model"))
     from flax import nnx
-    trained = nnx.merge(trainer.programs.graphs[0], trainer.state.policy)
+    trained = nnx.merge(trainer.models.graphs.policy, trainer.state.policy)
     ids = jnp.asarray(tok(["the cat walks"], return_tensors="np")["input_ids"])
     np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(trained(ids)), atol=1e-5)
 
@@ -81,7 +83,7 @@ def _stop_after(trainer, n_calls):
     def reward(prompts, responses):
         calls["n"] += 1
         if calls["n"] == n_calls:
-            trainer._stop_signal = signal.SIGTERM
+            trainer.signals.received = signal.SIGTERM
         return [float(len(r) % 5) for r in responses]
     return reward
 
@@ -99,7 +101,7 @@ def test_resume_continues_exactly(tmp_path):
 
     cfg = make(tmp_path, *common, name="resumed")
     first = PPOTrainer(cfg, reward_functions=[reward])
-    first._reward_fns = [("stopper", _stop_after(first, 2), 1.0)]
+    first.rewards.fns = [("stopper", _stop_after(first, 2), 1.0)]
     out = first.train()
     assert out["stopped"].startswith("received signal") and out["step"] == 2
     second = PPOTrainer(cfg, resume_from_checkpoint="latest", reward_functions=[reward])
@@ -130,32 +132,32 @@ def test_evaluate_is_deterministic(tmp_path):
     assert a == b
     assert set(a) >= {"objective/scores", "objective/kl", "response_length", "eos_rate"}
     assert a["num_prompts"] == 3.0
-    trainer._prompt_len = 2                  # train prompts shorter than these: eval ones are never cut
+    trainer.evaluator.prompt_len = 2                  # train prompts shorter than these: eval ones are never cut
     longer = ["Describe how a wise owl finds a key in the old forest"]
-    ids, mask = trainer._eval_arrays(longer)
-    np.testing.assert_array_equal(ids, trainer._tokenize(longer)[0])
+    ids, mask = trainer.evaluator.arrays(longer)
+    np.testing.assert_array_equal(ids, trainer.tokenize(longer)[0])
 
 
 def test_evaluation_program_matches_the_training_rollout(tmp_path):
     """`programs.evaluate` samples what the rollout samples under the same key and scores it the
     same way (KL to the reference, reward model), without the critic; by default one batch holds
     every eval prompt, up to 4 x train.batch_size."""
-    from jaxppo.run.trainer import tiny_model_dir
+    from jaxppo.run.models import tiny_model_dir
 
     rm = tiny_model_dir("gpt2", reward_model=True)
     trainer = PPOTrainer(make(tmp_path, "train.total_steps=1", f"model.reward_model={rm}", "train.eval_batch_size=null"))
     prompts = ["Tell me a story about the cat", "Describe how a wise owl finds a key", "Imagine that",
                "Write about the sea", "Explain the moon", "A poem on rain"]
-    ids, mask = trainer._tokenize(prompts)
+    ids, mask = trainer.tokenize(prompts)
     key = jax.random.PRNGKey(5)
-    exp = trainer.programs.rollout(trainer.state, trainer.frozen, ids, mask, key)
+    exp = iteration.rollout(trainer.programs, trainer.state, trainer.frozen, ids, mask, key)
     out = trainer.programs.evaluate(trainer.state.policy, trainer.frozen, ids, mask, key)
     np.testing.assert_array_equal(out.response, exp.response)
     np.testing.assert_array_equal(out.mask, exp.mask)
     np.testing.assert_allclose(out.kl, ((exp.logprobs - exp.ref_logprobs) * exp.mask).sum(-1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.rm_scores, exp.rm_scores, rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(out.rm_scores)).max() > 0
-    assert trainer._eval_batch_size(6) == 6 and trainer._eval_batch_size(100) == 16
+    assert trainer.evaluator.batch_size(6) == 6 and trainer.evaluator.batch_size(100) == 16
     a = trainer.evaluate(prompts, log=False)
     assert a["num_prompts"] == 6.0
 
@@ -187,9 +189,9 @@ def test_early_stopping(tmp_path):
     assert "early stopping" in (tmp_path / "run" / "train.log").read_text()
     # the unit: patience counts checks without an improvement of more than min_delta (100 here)
     t = trainer
-    t.early_stopping_state.update(best=None, bad_count=0)
+    t.early_stopping.load_state_dict({"best": None, "bad_count": 0})
     assert [t.check_early_stopping(v) for v in (1.0, 50.0, 200.0, 250.0)] == [False, True, False, True]
-    assert t.early_stopping_state["best"] == 200.0
+    assert t.early_stopping.best == 200.0
 
 
 def test_nonfinite_updates_are_skipped_then_stop(tmp_path):
@@ -251,5 +253,5 @@ def test_plateau_schedule_runs_and_reports_lr(tmp_path):
 
 def test_logits_chunk_mb_reaches_the_update_and_the_scoring_forwards(tmp_path):
     t = PPOTrainer(make(tmp_path, "model.logits_chunk_mb=3"))
-    assert t.programs.s.update.logits_chunk_bytes == 3 * 2**20
-    assert PPOTrainer(make(tmp_path)).programs.s.update.logits_chunk_bytes is None
+    assert t.programs.settings.update.logits_chunk_bytes == 3 * 2**20
+    assert PPOTrainer(make(tmp_path)).programs.settings.update.logits_chunk_bytes is None

@@ -1,0 +1,76 @@
+"""The arrays an iteration carries: the trained state, the frozen parameters, a scored batch.
+
+`TrainState` is what a checkpoint holds and the update donates; `Frozen` never changes;
+`Experience` is one sampled and scored batch, `EvalOutput` what an evaluation batch returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxppo.core import rewards as rw
+
+
+@struct.dataclass
+class TrainState:
+    policy: Any               # nnx.State of the policy
+    critic: Any               # nnx.State of the critic
+    policy_opt: Any           # optax state
+    critic_opt: Any
+    kl: Any                   # rewards.KLControllerState
+    reward_moments: Any       # rewards.RunningMoments
+    rng: jax.Array            # base key, constant; per-iteration keys are fold_in(rng, step)
+    step: jax.Array           # [] int32, completed iterations
+
+
+@struct.dataclass
+class Frozen:
+    """Parameters that never change during training."""
+
+    ref: Any                  # nnx.State of the reference policy
+    reward_model: Any         # nnx.State of the reward model, or None
+
+
+@struct.dataclass
+class Experience:
+    tokens: jax.Array          # [B, P+R]
+    attention_mask: jax.Array  # [B, P+R]
+    response: jax.Array        # [B, R]
+    mask: jax.Array            # [B, R]
+    logprobs: jax.Array        # [B, R] sampler log-probs (temperature-scaled)
+    ref_logprobs: jax.Array    # [B, R]
+    values: jax.Array          # [B, R]
+    rm_scores: jax.Array       # [B] reward-model score at the last response token (0 without one)
+    num_steps: jax.Array       # [] decode steps run
+
+
+@struct.dataclass
+class EvalOutput:
+    response: jax.Array        # [B, R]
+    mask: jax.Array            # [B, R]
+    kl: jax.Array              # [B] sum over the response of log pi - log pi_ref (k1)
+    rm_scores: jax.Array       # [B] reward-model score (0 without one)
+
+
+class ModelGraphs(NamedTuple):
+    """The static NNX graphs the programs merge parameters into (`nnx.split(model)[0]`)."""
+
+    policy: Any
+    critic: Any
+    ref: Any
+    reward_model: Any          # None without a reward model
+
+
+def init_train_state(policy_params, critic_params, txs, seed: int, kl_coef: float) -> TrainState:
+    return TrainState(
+        policy=policy_params, critic=critic_params,
+        policy_opt=txs[0].init(policy_params), critic_opt=txs[1].init(critic_params),
+        kl=rw.KLControllerState(value=jnp.float32(kl_coef)),
+        reward_moments=rw.init_running_moments(),
+        rng=jax.random.PRNGKey(seed),   # raw uint32[2]: plain array, checkpoints as is
+        step=jnp.int32(0),
+    )

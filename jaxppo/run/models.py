@@ -1,0 +1,116 @@
+"""The models of a run, loaded from the config: `load_models(config) -> (Models, InitialParams)`.
+
+The policy (trained), its frozen reference, the critic (trained; from the policy's backbone
+with a fresh value head, from the reward model, or from a folder of its own) and the reward
+model (optional), with the tokenizer they share and the stop and pad ids sampling uses.
+`model.policy=tiny` and `model.reward_model=tiny` stand for cached tiny random checkpoints
+(`tiny_model_dir`), which the demo and the tests use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxppo.engine.state import Frozen, ModelGraphs
+from jaxppo.errors import ConfigError
+from jaxppo.models import hf
+from jaxppo.runtime import cache_root
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class InitialParams(NamedTuple):
+    """The parameters `load_models` read (the trainer shards them into its state and drops these)."""
+
+    policy: Any                    # nnx.State
+    critic: Any                    # nnx.State
+    frozen: Frozen                 # reference (and reward model) parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """What the run's models are, besides their parameters: graphs, tokenizer, ids, provenance."""
+
+    graphs: ModelGraphs            # static NNX graphs the programs merge parameters into
+    tokenizer: Any                 # transformers tokenizer of the policy's folder
+    eos_ids: tuple[int, ...]       # ids that end a response
+    pad_id: int
+    policy_path: str               # resolved folder (`tiny` made concrete)
+    reward_model_path: str | None
+    policy_config: Any             # models.transformer.TransformerConfig
+    critic_config: Any
+    reward_model_config: Any       # None without a reward model
+
+
+def tiny_model_dir(arch: str, seed: int = 0, reward_model: bool = False) -> str:
+    """A cached tiny checkpoint (made once per arch/seed; the demo's default policy)."""
+    from jaxppo.models.tiny import make_tiny
+
+    root = cache_root()
+    path = root / f"tiny-{arch}-{'rm' if reward_model else 'lm'}-s{seed}"
+    if not (path / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        make_tiny(str(tmp), arch=arch, reward_model=reward_model, seed=seed)
+        try:
+            os.replace(tmp, path)              # atomic: a concurrent maker may have won, that's fine
+        except OSError:
+            pass
+    return str(path)
+
+
+def load_models(config) -> tuple[Models, InitialParams]:
+    """Load the run's models as `config.model` says (ConfigError / ModelLoadError naming the
+    folder at fault: missing files, a vocabulary the models do not share, a tokenizer larger than
+    the embedding)."""
+    c, seed = config.model, config.train.seed
+    dtype = DTYPES[c.dtype]
+    ref_dtype = DTYPES[c.ref_dtype or c.dtype]
+    policy_path = tiny_model_dir(c.tiny_arch, seed=seed) if c.policy == "tiny" else c.policy
+    policy, tokenizer = hf.load_causal_lm(policy_path, dtype=dtype, remat=c.remat)
+    ref, _ = hf.load_causal_lm(policy_path, dtype=ref_dtype, param_dtype=ref_dtype)
+    rm_path = c.reward_model
+    if rm_path == "tiny":     # a random tiny reward model sharing the tiny tokenizer (demos, tests)
+        rm_path = tiny_model_dir(c.tiny_arch, seed=seed + 1, reward_model=True)
+    reward_model = None
+    if rm_path:
+        reward_model, rm_tok = hf.load_reward_model(rm_path, dtype=dtype)
+        check_same_vocab(tokenizer, rm_tok, policy_path, rm_path)
+    if c.critic:
+        critic, critic_tok = hf.load_reward_model(c.critic, dtype=dtype, remat=c.remat)
+        check_same_vocab(tokenizer, critic_tok, policy_path, c.critic)
+    elif c.critic_init == "reward_model":
+        critic, _ = hf.load_reward_model(rm_path, dtype=dtype, remat=c.remat)
+    else:
+        critic = hf.load_model(policy_path, head="scalar", fresh_head=True, dtype=dtype, remat=c.remat, seed=seed)
+    for model, path in ((policy, policy_path), (reward_model, c.reward_model), (critic, c.critic or "critic")):
+        if model is not None and model.config.vocab_size < len(tokenizer):
+            raise ConfigError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only "
+                              f"{model.config.vocab_size} (vocab_size in config.json)")
+    (policy_graph, policy_params), (critic_graph, critic_params) = nnx.split(policy), nnx.split(critic)
+    ref_graph, ref_params = nnx.split(ref)
+    rm_graph, rm_params = nnx.split(reward_model) if reward_model is not None else (None, None)
+    eos = tokenizer.eos_token_id
+    models = Models(
+        graphs=ModelGraphs(policy=policy_graph, critic=critic_graph, ref=ref_graph, reward_model=rm_graph),
+        tokenizer=tokenizer,
+        eos_ids=tuple(sorted({eos} if isinstance(eos, int) else set(eos or ()))),
+        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
+        policy_path=policy_path, reward_model_path=rm_path, policy_config=policy.config,
+        critic_config=critic.config, reward_model_config=None if reward_model is None else reward_model.config)
+    return models, InitialParams(policy=policy_params, critic=critic_params,
+                                 frozen=Frozen(ref=ref_params, reward_model=rm_params))
+
+
+def check_same_vocab(tok_a, tok_b, path_a, path_b):
+    """The reward model and critic read the policy's token ids unchanged: vocabularies must agree."""
+    if len(tok_a) != len(tok_b) or tok_a.get_vocab() != tok_b.get_vocab():
+        raise ConfigError(f"tokenizer mismatch: {path_b} has a different vocabulary ({len(tok_b)} tokens) from the "
+                          f"policy {path_a} ({len(tok_a)} tokens); the models must share one tokenizer")
