@@ -2,9 +2,14 @@
 
     python experiments/compare.py rollout --rounds 5 --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models
     python experiments/compare.py ppo     --rounds 3 --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models
+    python experiments/compare.py grpo    --rounds 3 --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models
 
 Each round runs the jaxppo benchmark (this interpreter) and then the peer's (`--peer-python`,
-default the venv made by `../shared/peers/setup_trl_venv.sh`) as separate processes, A B A B ...
+default the venv made by `../shared/peers/setup_trl_venv.sh`; for grpo the one made by
+`../shared/peers/trl_grpo/setup_trl_grpo_venv.sh`) as separate processes, A B A B ...
+grpo runs `bench_grpo.py` against `trl_grpo_bench.py` with the same flags (P 4 x G 4, prompt 16,
+completion 32, `--warmup 1`; `--iters` defaults to 8 there, the peer's README run); `--mesh-data`
+goes to bench_grpo.py only.
 The JSON lines of every process and one summary line (medians and the ratio of medians) are
 printed; `--out` also writes them to a file.
 """
@@ -21,6 +26,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "peers"))
 DEFAULT_PEER_PY = os.path.expanduser("~/.cache/jaxppo-peers/venv-trl/bin/python")
+DEFAULT_GRPO_PEER_PY = os.path.expanduser("~/.cache/jaxppo-peers/venv-trl-grpo/bin/python")
 
 
 def run(cmd: list[str]) -> dict:
@@ -32,13 +38,18 @@ def run(cmd: list[str]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["rollout", "ppo"])
+    ap.add_argument("what", choices=["rollout", "ppo", "grpo"])
     ap.add_argument("--model-dir", default=os.path.expanduser("~/.cache/jaxppo-peers/tiny-ppo-models"))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--peer-python", default=DEFAULT_PEER_PY)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--peer-python", help=f"default {DEFAULT_PEER_PY} ({DEFAULT_GRPO_PEER_PY} for grpo)")
+    ap.add_argument("--iters", type=int, help="default 10 (8 for grpo)")
+    ap.add_argument("--mesh-data", type=int, default=1, help="grpo: bench_grpo.py --mesh-data")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.peer_python is None:
+        args.peer_python = DEFAULT_GRPO_PEER_PY if args.what == "grpo" else DEFAULT_PEER_PY
+    if args.iters is None:
+        args.iters = 8 if args.what == "grpo" else 10
 
     common = ["--model-dir", args.model_dir, "--batch", "16", "--prompt-len", "16"]
     if args.what == "rollout":
@@ -47,6 +58,12 @@ def main(argv=None):
         peer = [args.peer_python, os.path.join(HERE, "bench_rollout.py"), *common, "--new-tokens", "32",
                 "--iters", str(max(args.iters, 10)), "--impl", "transformers"]
         key, higher_is_better = "tokens_per_sec", True
+    elif args.what == "grpo":
+        grpo = ["--model-dir", args.model_dir, "--prompts-per-step", "4", "--num-generations", "4",
+                "--prompt-len", "16", "--completion-length", "32", "--iters", str(args.iters), "--warmup", "1"]
+        ours = [sys.executable, os.path.join(HERE, "bench_grpo.py"), *grpo, "--mesh-data", str(args.mesh_data)]
+        peer = [args.peer_python, os.path.join(PEERS, "trl_grpo", "trl_grpo_bench.py"), *grpo]
+        key, higher_is_better = "sec_per_iter_median", False
     else:
         ppo = ["--response-length", "32", "--ppo-epochs", "4", "--num-mini-batches", "2",
                "--iters", str(args.iters), "--warmup", "1"]
@@ -66,6 +83,10 @@ def main(argv=None):
     ratio = a / b if higher_is_better else b / a
     summary = {"compare": args.what, "metric": key, "jaxppo_median": a, "peer_median": b,
                "speedup_jaxppo_over_peer": round(ratio, 3), "rounds": args.rounds}
+    for extra in ("cpu_sec_per_iter_median", "generated_tokens_per_sec"):   # where both sides report it
+        if all(extra in x for x in rows):
+            for side in ("jaxppo", "peer"):
+                summary[f"{side}_{extra}"] = statistics.median(x[extra] for x in rows if x["side"] == side)
     print(json.dumps(summary), flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -46,11 +46,11 @@ def preflight(config, resume: str | None) -> None:
 
     d, r = config.data, config.reward
     if d.prompts:
-        load_prompt_records(d.prompts, field=d.prompt_field)
+        load_prompt_records(d.prompts, field=d.prompt_field, columns=d.columns)
     elif not r.task:
         raise ConfigError("data.prompts is not set and reward.task is null: no prompts to train on")
     if d.eval_prompts:
-        load_prompt_records(d.eval_prompts, field=d.prompt_field)
+        load_prompt_records(d.eval_prompts, field=d.prompt_field, columns=d.columns)
     if r.task:
         tasks.get_task(r.task)
     for spec in r.functions:

@@ -65,3 +65,29 @@ def test_bench_rollout_runs_in_bfloat16_without_a_prompt_file(model_dir, capsys)
                 "--iters", "2", "--dtype", "bfloat16"])
     out = _json_line(capsys)
     assert out["dtype"] == "bfloat16" and out["tokens_per_sec"] > 0 and out["iters"] == 2
+
+
+@pytest.mark.slow
+def test_bench_grpo_prints_the_trl_peers_keys(tmp_path, capsys):
+    """bench_grpo.py on the tiny policy with a prompts.jsonl: one warm-up + one timed GRPO
+    iteration, and the JSON keys the TRL GRPO peer's README asks for (item 11) plus the phases."""
+    os.symlink(tiny_model_dir("gpt2"), tmp_path / "policy")
+    texts = ["Once upon a time, my neighbour who repairs a cup of tea",
+             "Write a short poem about the city council who finds the winter market",
+             "Once upon a time, the young engineer who writes about the long letter",
+             "Tell me about the quiet garden behind the old library"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts * 2))
+    bench = _load("bench_grpo")
+    bench.main(["--model-dir", str(tmp_path), "--prompts-per-step", "2", "--num-generations", "2",
+                "--prompt-len", "6", "--completion-length", "4", "--iters", "1", "--warmup", "1"])
+    out = _json_line(capsys)
+    for key in ("impl", "prompts_per_step", "num_generations", "completion_length", "prompt_len",
+                "num_iterations_mu", "steps_per_generation", "iters", "sec_per_iter_median",
+                "generated_tokens_per_sec", "peak_rss_mb", "reward_mean_per_iter"):
+        assert key in out, key
+    assert out["impl"] == "jaxppo" and out["prompts"] == "prompts.jsonl" and out["prompts_available"] == 8
+    assert (out["prompts_per_step"], out["num_generations"], out["prompt_len"], out["completion_length"]) == (2, 2, 6, 4)
+    assert out["sec_per_iter_median"] > 0 and out["generated_tokens_per_sec"] == pytest.approx(
+        2 * 2 * 4 / out["sec_per_iter_median"], rel=1e-2)
+    assert set(out["phase_median_sec"]) == {"rollout", "reward", "update"}
+    assert len(out["reward_mean_per_iter"]) == 2 and all(0 <= r <= 1 for r in out["reward_mean_per_iter"])

@@ -24,16 +24,20 @@ from jaxppo.config.loading import (
     load_config,
     save_config,
 )
-from jaxppo.config.sections import (
+from jaxppo.config.algorithm import (
     AdaptiveKLConfig,
+    AlgoConfig,
+    OptimConfig,
+    PlateauConfig,
+    PPOSectionConfig,
+)
+from jaxppo.config.sections import (
     DataConfig,
     EarlyStoppingConfig,
     LoggingConfig,
     ModelConfig,
-    OptimConfig,
-    PlateauConfig,
+    OverlongConfig,
     PPOConfig,
-    PPOSectionConfig,
     RewardConfig,
     RolloutConfig,
     TrainConfig,
@@ -42,7 +46,7 @@ from jaxppo.config.sections import (
 
 __all__ = [
     "ModelConfig", "DataConfig", "RewardConfig", "RolloutConfig", "AdaptiveKLConfig", "PPOSectionConfig",
-    "PlateauConfig", "OptimConfig", "TrainConfig", "EarlyStoppingConfig", "LoggingConfig", "PPOConfig",
+    "PlateauConfig", "OptimConfig", "TrainConfig", "AlgoConfig", "OverlongConfig", "EarlyStoppingConfig", "LoggingConfig", "PPOConfig",
     "load_config", "save_config", "config_to_dict", "config_to_yaml", "describe_fields", "check_devices",
     "resolve_placement",
 ]

@@ -33,7 +33,8 @@ def check_devices(config: PPOConfig, num_devices: int, platform: str = "cpu", nu
     if t.placement == "separate" and (num_devices < 2 or num_devices % 2):
         raise ConfigError(f"train.placement=separate needs an even number of devices >= 2, found {num_devices} "
                           "(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2)", keys=("train.placement",))
-    separate = resolve_placement(t.placement, num_devices, platform, num_processes) == "separate"
+    separate = (not config.algo.critic_free
+                and resolve_placement(t.placement, num_devices, platform, num_processes) == "separate")
     if separate and num_processes > 1:
         raise ConfigError(f"train.placement={t.placement} puts the critic on devices of its own, which is not "
                           f"supported across {num_processes} processes: use train.placement=colocated",

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from jaxppo.config.algorithm import GROUP_ADVANTAGES, AlgoConfig, OptimConfig, PPOSectionConfig
 from jaxppo.config.fields import Section, default_of, fields_of, help_of, option, split_optional
 from jaxppo.errors import ConfigError
 
@@ -53,10 +54,28 @@ class DataConfig(Section):
     prompt_field: str = option("prompt", "JSON field that holds the prompt in JSONL files")
     use_chat_template: bool = option(False, "wrap each prompt as a user turn with the tokenizer's chat template")
     shuffle: bool = option(True, "reshuffle the training prompts every epoch")
+    columns: list[str] | None = option(None,
+        "fields of a dataset row (besides the prompt) passed to the reward functions as keyword arguments; "
+        "null = all of them")
+
+    __hash__ = Section.field_hash   # a list field
 
     def _validate(self) -> None:
         if not self.prompt_field:
             raise ConfigError("data.prompt_field is empty: expected a JSON field name", keys=("data.prompt_field",))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverlongConfig(Section):
+    _prefix: ClassVar[str] = "reward.overlong"
+    max_length: int = option(32, "responses longer than this get the whole penalty (DAPO's L_max)", ge=1)
+    buffer: int = option(8, "the penalty grows linearly over the last `buffer` tokens before max_length", ge=0)
+    penalty: float = option(1.0, "the penalty at and beyond max_length (subtracted from the score)", ge=0.0)
+
+    def _validate(self) -> None:
+        if self.buffer > self.max_length:
+            raise ConfigError(f"reward.overlong.buffer={self.buffer} exceeds reward.overlong.max_length="
+                              f"{self.max_length}", keys=("reward.overlong.buffer",))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +89,8 @@ class RewardConfig(Section):
     on_error: str = option("raise",
         "a reward function that raises: stop the run, or give error_penalty", choices=("raise", "penalty"))
     error_penalty: float = option(-1.0, "score given to a sample whose reward function raised (on_error=penalty)")
+    overlong: OverlongConfig | None = option(None,
+        "DAPO's soft overlong punishment {max_length, buffer, penalty}; null = off")
 
     __hash__ = Section.field_hash  # the only section with list fields
 
@@ -97,77 +118,9 @@ class RolloutConfig(Section):
         "subtracted from the score of responses without EOS; null = off", ge=0.0)
     forward_batch_size: int | None = option(None,
         "micro-batch of the no-grad scoring forwards; null = whole batch", ge=1)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AdaptiveKLConfig(Section):
-    _prefix: ClassVar[str] = "ppo.adaptive_kl"
-    target: float = option(6.0, "KL (summed over the response) the adaptive controller steers towards", gt=0.0)
-    horizon: int = option(10000, "controller horizon in samples (Ziegler et al. 2019)", ge=1)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PPOSectionConfig(Section):
-    _prefix: ClassVar[str] = "ppo"
-    epochs: int = option(4, "optimization epochs over each rollout batch", ge=1)
-    num_minibatches: int = option(2, "minibatches per epoch (train.batch_size must divide evenly)", ge=1)
-    clip_eps: float = option(0.2, "policy ratio clip range", gt=0.0)
-    clip_value: float = option(0.2, "value prediction clip range around the old values", gt=0.0)
-    vf_coef: float = option(0.1, "value loss coefficient", ge=0.0)
-    ent_coef: float = option(0.0, "entropy bonus coefficient")
-    gamma: float = option(1.0, "discount factor", ge=0.0, le=1.0)
-    lam: float = option(0.95, "GAE lambda", ge=0.0, le=1.0)
-    kl_coef: float = option(0.05, "KL penalty coefficient (initial value when adaptive_kl is on)", ge=0.0)
-    kl_estimator: str = option("k1", "per-token KL estimator", choices=("k1", "k2", "k3", "abs"))
-    adaptive_kl: AdaptiveKLConfig | None = option(None,
-        "adaptive KL controller {target, horizon}; null = fixed kl_coef")
-    whiten_advantages: bool = option(True, "whiten advantages over the batch's valid tokens")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PlateauConfig(Section):
-    _prefix: ClassVar[str] = "optim.plateau"
-    metric: str = option("objective/scores", "metric watched by the plateau schedule")
-    mode: str = option("max", "whether the metric should go up (max) or down (min)", choices=("max", "min"))
-    factor: float = option(0.5, "multiply the learning rate by this on a plateau", gt=0.0, lt=1.0)
-    patience: int = option(5, "steps without improvement before reducing", ge=0)
-    cooldown: int = option(0, "steps to wait after a reduction before watching again", ge=0)
-    min_scale: float = option(0.01, "lower bound of the learning-rate scale", gt=0.0, le=1.0)
-    rtol: float = option(1e-4, "relative improvement that counts", ge=0.0)
-    atol: float = option(0.0, "absolute improvement that counts", ge=0.0)
-
-    def _validate(self) -> None:
-        if self.rtol == 0 and self.atol == 0:
-            raise ConfigError("optim.plateau.rtol and optim.plateau.atol are both 0: one must be positive",
-                              keys=("optim.plateau.rtol", "optim.plateau.atol"))
-        if self.metric not in ("objective/scores", "objective/rlhf_reward", "objective/kl",
-                               "objective/non_score_reward", "objective/entropy"):
-            raise ConfigError(f"optim.plateau.metric={self.metric!r}: the plateau schedule is driven inside the update "
-                              f"by a metric known before it: objective/scores, objective/rlhf_reward, objective/kl, "
-                              f"objective/non_score_reward or objective/entropy", keys=("optim.plateau.metric",))
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimConfig(Section):
-    _prefix: ClassVar[str] = "optim"
-    lr: float = option(3.0e-3, "policy learning rate (peak, after warmup); the default suits the tiny demo model, real LMs want ~1e-6 to 1e-5", gt=0.0)
-    critic_lr: float | None = option(None, "critic learning rate; null = lr", gt=0.0)
-    schedule: str = option("constant",
-        "learning-rate schedule after warmup", choices=("constant", "linear", "cosine", "plateau"))
-    warmup_steps: int = option(0, "linear warmup from 0, in optimizer updates", ge=0)
-    min_lr_ratio: float = option(0.0, "final lr / peak lr for the linear and cosine schedules", ge=0.0, le=1.0)
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay", ge=0.0)
-    max_grad_norm: float | None = option(1.0, "clip the global gradient norm; null = no clipping", gt=0.0)
-    grad_accum_steps: int = option(1, "micro-batches accumulated per optimizer update", ge=1)
-    adam_b1: float = option(0.9, "Adam beta1", ge=0.0, lt=1.0)
-    adam_b2: float = option(0.999, "Adam beta2", ge=0.0, lt=1.0)
-    adam_eps: float = option(1e-8, "Adam epsilon", gt=0.0)
-    plateau: PlateauConfig = option(PlateauConfig(), "reduce-on-plateau settings (schedule=plateau)")
-
-    def _validate(self) -> None:
-        if self.schedule == "plateau" and not self.plateau.metric:
-            raise ConfigError("optim.schedule=plateau needs optim.plateau.metric (got an empty name)",
-                              keys=("optim.plateau.metric",))
+    num_generations: int = option(1,
+        "samples per prompt (G): an iteration trains on train.batch_size x G responses, a prompt's G samples "
+        "consecutive, its prompt prefilled once and the KV cache shared", ge=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +184,7 @@ class PPOConfig(Section):
     data: DataConfig = option(DataConfig(), "prompts")
     reward: RewardConfig = option(RewardConfig(), "reward sources")
     rollout: RolloutConfig = option(RolloutConfig(), "sampling")
+    algo: AlgoConfig = option(AlgoConfig(), "RL algorithm: advantage estimator, loss aggregation, dynamic sampling")
     ppo: PPOSectionConfig = option(PPOSectionConfig(), "PPO algorithm")
     optim: OptimConfig = option(OptimConfig(), "optimizer")
     train: TrainConfig = option(TrainConfig(), "training loop")
@@ -238,9 +192,19 @@ class PPOConfig(Section):
     logging: LoggingConfig = option(LoggingConfig(), "logging")
 
     @property
+    def rollout_batch_size(self) -> int:
+        """Responses per iteration: train.batch_size prompts x rollout.num_generations."""
+        return self.train.batch_size * self.rollout.num_generations
+
+    @property
     def minibatch_size(self) -> int:
-        """Sequences per optimizer update: batch_size / num_minibatches."""
-        return self.train.batch_size // self.ppo.num_minibatches
+        """Sequences per optimizer update: rollout_batch_size / num_minibatches."""
+        return self.rollout_batch_size // self.ppo.num_minibatches
+
+    @property
+    def kl_estimator(self) -> str:
+        """ppo.kl_estimator, or its default where the KL goes (k1 in the reward, k3 in the loss)."""
+        return self.ppo.kl_estimator or ("k3" if self.ppo.kl_in == "loss" else "k1")
 
     @property
     def microbatch_size(self) -> int:
@@ -253,16 +217,30 @@ class PPOConfig(Section):
 
     def _validate(self) -> None:
         b, m, a = self.train.batch_size, self.ppo.num_minibatches, self.optim.grad_accum_steps
-        if b % m:
-            raise ConfigError(f"train.batch_size={b} is not divisible by ppo.num_minibatches={m}",
+        g = self.rollout.num_generations
+        rows, what = (b * g, f"train.batch_size x rollout.num_generations={b}x{g}") if g > 1 else (b, f"train.batch_size={b}")
+        if rows % m:
+            raise ConfigError(f"{what} is not divisible by ppo.num_minibatches={m}",
                               keys=("train.batch_size", "ppo.num_minibatches"))
-        if (b // m) % a:
-            raise ConfigError(f"minibatch size train.batch_size/ppo.num_minibatches={b // m} is not divisible by "
-                              f"optim.grad_accum_steps={a}", keys=("optim.grad_accum_steps", "train.batch_size"))
+        if (rows // m) % a:
+            raise ConfigError(f"minibatch size {what.split('=')[0]}/ppo.num_minibatches={rows // m} is not divisible "
+                              f"by optim.grad_accum_steps={a}", keys=("optim.grad_accum_steps", "train.batch_size"))
         fb = self.rollout.forward_batch_size
-        if fb is not None and b % fb:
-            raise ConfigError(f"train.batch_size={b} is not divisible by rollout.forward_batch_size={fb}",
+        if fb is not None and rows % fb:
+            raise ConfigError(f"{what} is not divisible by rollout.forward_batch_size={fb}",
                               keys=("rollout.forward_batch_size", "train.batch_size"))
+        adv = self.algo.advantage
+        if (adv in GROUP_ADVANTAGES or self.algo.filter_groups) and g < 2:
+            what = f"algo.advantage={adv}" if adv in GROUP_ADVANTAGES else "algo.filter_groups=true"
+            raise ConfigError(f"{what} compares the samples of a prompt with each other: it needs "
+                              f"rollout.num_generations >= 2, got {g}", keys=("rollout.num_generations",))
+        if self.algo.critic_free and self.train.placement == "separate":
+            raise ConfigError(f"train.placement=separate puts the critic on devices of its own, but "
+                              f"algo.advantage={adv} trains no critic: use auto or colocated",
+                              keys=("train.placement", "algo.advantage"))
+        if self.ppo.kl_in == "loss" and self.ppo.adaptive_kl is not None:
+            raise ConfigError("ppo.adaptive_kl steers the KL penalty in the reward; with ppo.kl_in=loss the "
+                              "coefficient is ppo.kl_coef, fixed", keys=("ppo.adaptive_kl", "ppo.kl_in"))
         eb = self.train.eval_batch_size
         if fb is not None and eb is not None and eb % fb:
             raise ConfigError(f"train.eval_batch_size={eb} is not divisible by rollout.forward_batch_size={fb}",

@@ -9,6 +9,10 @@ The value loss is the clipped form used by OpenAI baselines / lm-human-preferenc
 
     L_vf = 0.5 * max((V_t - R_t)^2, (clip(V_t, V_old_t - c, V_old_t + c) - R_t)^2)
 
+`aggregate` reduces a per-token loss with verl's `loss_agg_mode` (token-mean, seq-mean-token-mean,
+seq-mean-token-sum, seq-mean-token-sum-norm), in numerator / denominator pieces for exact
+gradient accumulation.
+
 Every loss is the mean over all valid tokens of the batch. `stats` also carries the token sums
 (`*_sum`) and the token `count`, so micro-batches accumulate exactly (mean = sum / count) even
 when their response lengths differ. A batch with no valid token gives loss 0, never NaN.
@@ -39,6 +43,12 @@ def _scalar(name: str, x) -> jax.Array:
     x = jnp.asarray(x, dtype=jnp.float32)
     check_shape(name, x, ndim=0)
     return x
+
+
+def _check_concrete(name: str, x, ok, message: str) -> None:
+    """ValueError naming `name` when a Python number fails `ok` (traced values pass unchecked)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and not ok(x):
+        raise ValueError(f"{name}: {message}, got {x!r}")
 
 
 def _mask(mask: jax.Array, shape) -> jax.Array:
@@ -87,20 +97,37 @@ def entropy(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
 
 
 def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
-                mask: jax.Array, clip_eps) -> tuple[jax.Array, dict]:
+                mask: jax.Array, clip_eps, clip_eps_high=None, dual_clip=None
+                ) -> tuple[jax.Array, dict]:
     """PPO clipped surrogate loss (Schulman et al. 2017), masked mean over tokens.
 
         r = exp(logp - logp_old)
         pg_losses  = -A * r
-        pg_losses2 = -A * clip(r, 1 - eps, 1 + eps)
-        loss = masked_mean(max(pg_losses, pg_losses2))
+        pg_losses2 = -A * clip(r, 1 - eps, 1 + eps_high)        eps_high = clip_eps_high or eps
+        per_token  = max(pg_losses, pg_losses2)
+        per_token  = min(per_token, -c * A)   where A < 0        only with dual_clip = c
+        loss = masked_mean(per_token)
 
-    Args: logprobs (differentiated), old_logprobs, advantages, mask: all [B, T]; clip_eps scalar.
+    clip_eps_high is DAPO's "clip-higher" (Yu et al. 2025, TRL's `epsilon_high`, verl's
+    `clip_ratio_high`). dual_clip c > 1 is dual-clip PPO (Ye et al. 2020, "Mastering Complex
+    Control in MOBA Games with Deep RL"; verl's `clip_ratio_c`): for a negative advantage the
+    loss is capped at -c * A, however large the ratio. With both None the result is the plain
+    PPO loss, bit for bit.
+
+    Args: logprobs (differentiated), old_logprobs, advantages, mask: all [B, T]; clip_eps,
+    clip_eps_high, dual_clip: scalars (or None for the last two).
 
     Returns (loss, stats) with, per token-level stat, the masked sum and the mean (= sum/count):
       loss_sum, count, clipfrac_sum / clipfrac (fraction of tokens where the clipped term is the
       strictly larger, i.e. active, one, as TRL), approxkl_sum / approxkl (0.5 * (logp - old)^2,
-      TRL's), ratio_sum / ratio_mean, and loss (again, for logging).
+      TRL's), ratio_sum / ratio_mean, loss (again, for logging);
+      clip_low_sum / clip_low_frac: tokens with r < 1 - eps and A < 0, clip_high_sum /
+      clip_high_frac: tokens with r > 1 + eps_high and A > 0 (TRL's GRPO `clip_ratio/low_mean`,
+      `clip_ratio/high_mean`);
+      per_token: the [B, T] loss before aggregation (0 on padding, where the advantage is zeroed),
+      for `aggregate` and its pieces;
+      with dual_clip also dual_clip_sum / dual_clip_frac: tokens with A < 0 where the cap -c * A
+      is active (verl's `pg_clipfrac_lower`).
     """
     logprobs = _tokens("logprobs", logprobs)
     shape = logprobs.shape
@@ -108,20 +135,30 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
     advantages = _tokens("advantages", advantages, shape)
     mask = _mask(mask, shape)
     clip_eps = _scalar("clip_eps", clip_eps)
+    _check_concrete("clip_eps_high", clip_eps_high, lambda v: v >= 0, "expected >= 0")
+    _check_concrete("dual_clip", dual_clip, lambda v: v > 1, "expected > 1 (verl's clip_ratio_c)")
+    clip_high = clip_eps if clip_eps_high is None else _scalar("clip_eps_high", clip_eps_high)
     valid = mask != 0
     # Sanitise padding *before* exp: exp(garbage) = inf would turn the (zero) gradient into NaN.
     log_ratio = jnp.where(valid, logprobs - old_logprobs, 0.0)
     advantages = jnp.where(valid, advantages, 0.0)
     ratio = jnp.exp(log_ratio)
     pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    pg_losses2 = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_high)
     per_token = jnp.maximum(pg_losses, pg_losses2)
+    negative = advantages < 0
+    if dual_clip is not None:
+        pg_losses3 = -advantages * _scalar("dual_clip", dual_clip)
+        dual_active = negative & (per_token > pg_losses3)
+        per_token = jnp.where(negative, jnp.minimum(pg_losses3, per_token), per_token)
 
     count = jnp.sum(mask)
     loss_sum = masked_sum(per_token, mask)
     clipfrac_sum = masked_sum((pg_losses2 > pg_losses).astype(jnp.float32), mask)
     approxkl_sum = masked_sum(0.5 * jnp.square(log_ratio), mask)
     ratio_sum = masked_sum(ratio, mask)
+    clip_low_sum = masked_sum(((ratio < 1.0 - clip_eps) & negative).astype(jnp.float32), mask)
+    clip_high_sum = masked_sum(((ratio > 1.0 + clip_high) & (advantages > 0)).astype(jnp.float32), mask)
     loss = safe_div(loss_sum, count)
     stats = {
         "loss": loss,
@@ -133,8 +170,86 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
         "approxkl_sum": approxkl_sum,
         "ratio_mean": safe_div(ratio_sum, count),
         "ratio_sum": ratio_sum,
+        "clip_low_sum": clip_low_sum,
+        "clip_low_frac": safe_div(clip_low_sum, count),
+        "clip_high_sum": clip_high_sum,
+        "clip_high_frac": safe_div(clip_high_sum, count),
+        "per_token": per_token,
     }
+    if dual_clip is not None:
+        dual_clip_sum = masked_sum(dual_active.astype(jnp.float32), mask)
+        stats["dual_clip_sum"] = dual_clip_sum
+        stats["dual_clip_frac"] = safe_div(dual_clip_sum, count)
     return loss, stats
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _agg_inputs(per_token, mask, mode: str) -> tuple[jax.Array, jax.Array]:
+    if mode not in AGG_MODES:
+        raise ValueError(f"mode: expected one of {AGG_MODES}, got {mode!r}")
+    per_token = _tokens("per_token", per_token)
+    return per_token, _mask(mask, per_token.shape)
+
+
+def aggregate_numerator(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """The additive part of `aggregate`: [B, T], [B, T] -> [] float32, a sum over rows.
+
+        token-mean, seq-mean-token-sum, seq-mean-token-sum-norm:  sum_{b,t} x m
+        seq-mean-token-mean:  sum_b (sum_t x m / sum_t m)           (0 for a row without tokens)
+
+    Split a batch's rows into micro-batches: sum of their numerators / `aggregate_denominator`
+    of the whole batch = `aggregate` of the whole batch, exactly (gradient accumulation).
+    """
+    per_token, mask = _agg_inputs(per_token, mask, mode)
+    if mode == "seq-mean-token-mean":
+        row_sums = masked_sum(per_token, mask, axis=1)                    # [B]
+        return jnp.sum(safe_div(row_sums, jnp.sum(mask, axis=1)))
+    return masked_sum(per_token, mask)
+
+
+def aggregate_denominator(mask: jax.Array, mode: str) -> jax.Array:
+    """The normaliser of `aggregate` for a whole batch: [B, T] -> [] float32.
+
+        token-mean:               sum(m), or 1 when it is 0 (= max(sum(m), 1) for a 0/1 mask)
+        seq-mean-token-mean:      B
+        seq-mean-token-sum:       B
+        seq-mean-token-sum-norm:  B * T
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"mode: expected one of {AGG_MODES}, got {mode!r}")
+    mask = jnp.asarray(mask)
+    check_shape("mask", mask, ndim=2)
+    batch, length = mask.shape
+    if mode == "token-mean":
+        count = jnp.sum(mask.astype(jnp.float32))
+        return jnp.where(count > 0, count, 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return jnp.asarray(batch * length, jnp.float32)
+    return jnp.asarray(batch, jnp.float32)
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """Reduce a per-token loss to a scalar with verl's `loss_agg_mode`: [B, T], [B, T] -> [].
+
+        token-mean               sum(x m) / sum(m)                 (0 when no token is valid)
+        seq-mean-token-mean      1/B sum_b sum_t(x m) / sum_t(m)   (empty rows count as 0)
+        seq-mean-token-sum       1/B sum_b sum_t(x m)
+        seq-mean-token-sum-norm  sum(x m) / (B T)
+
+    `mode` is a static string. Against TRL's GRPO `loss_type`: "grpo" = seq-mean-token-mean
+    (per-sequence mean, then the mean over sequences; DeepSeekMath's eq.); "bnpo" = token-mean
+    over the micro-batch; "dr_grpo" = seq-mean-token-sum-norm with T the maximal completion length
+    (Liu et al. 2025, Dr. GRPO); "dapo" = token-mean over the whole generation batch (Yu et al. 2025,
+    DAPO's token-level loss; with micro-batches use `aggregate_numerator` /
+    `aggregate_denominator`). verl's own seq-mean-token-sum-norm divides by T only (a constant
+    factor B from this one, TRL's dr_grpo, DESIGN's); verl's seq-mean-token-mean gives NaN for an
+    empty row, where this gives 0.
+    """
+    return aggregate_numerator(per_token, mask, mode) / aggregate_denominator(mask, mode)
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,

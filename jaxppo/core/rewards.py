@@ -104,6 +104,26 @@ def missing_eos_penalty(scores: jax.Array, has_eos: jax.Array, penalty: Optional
     return scores - jnp.where(has_eos.astype(bool), 0.0, jnp.asarray(penalty, jnp.float32))
 
 
+def overlong_penalty(lengths: jax.Array, max_length, buffer, penalty) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): [B] -> [B] float32, added to the scores.
+
+        0                                       L <= L_max - L_buffer
+        -penalty * (L - (L_max - L_buffer)) / L_buffer    in between (linear from 0 to -penalty)
+        -penalty                                L >= L_max
+
+    `lengths` are the response lengths in tokens; max_length, buffer (> 0), penalty: scalars.
+    (verl's DAPO reward manager computes the same ramp; it never sees L > L_max.)
+    """
+    lengths = _f32("lengths", lengths, ndim=1)
+    if isinstance(buffer, (int, float)) and not buffer > 0:
+        raise ValueError(f"buffer: expected > 0, got {buffer!r}")
+    max_length = _f32("max_length", max_length, ndim=0)
+    buffer = _f32("buffer", buffer, ndim=0)
+    penalty = _f32("penalty", penalty, ndim=0)
+    excess = jnp.clip((lengths - (max_length - buffer)) / buffer, 0.0, 1.0)
+    return -penalty * excess
+
+
 # --------------------------------------------------------------------------- KL controllers
 
 @jax.tree_util.register_dataclass

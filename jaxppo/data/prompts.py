@@ -5,142 +5,52 @@
     ids, mask = tokenize_prompts(train, tokenizer, max_length=64)   # np.int32 [N, L], left-padded
     it = PromptIterator(len(train), batch_size=16, seed=0)      # endless; next(it) -> indices [16]
 
+`PPODataset` (jaxppo.data.dataset) holds prompts (strings or chat messages) and their columns;
 `PPODataset.from_file` keeps the file line of every prompt, so errors found later (a prompt too
 long for the context) can name `prompts.jsonl:7`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any, overload
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from jaxppo.data.dataset import PPODataset, Prompt, check_messages
 from jaxppo.data.tasks import get_task
-from jaxppo.errors import ConfigError, DataError
+from jaxppo.errors import ConfigError, DataError, one_line
 
-__all__ = ["load_prompts", "load_prompt_records", "split_prompts", "PPODataset", "tokenize_prompts", "PromptIterator"]
-
-
-def _read_text(path: str | os.PathLike) -> str:
-    name = os.fspath(path)
-    if not os.path.exists(name):
-        raise DataError(f"prompt file not found: {name}")
-    if os.path.isdir(name):
-        raise DataError(f"prompt file is a directory: {name}")
-    try:
-        with open(name, encoding="utf-8-sig") as fh:  # -sig: a BOM is not part of the first prompt
-            return fh.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"cannot read prompt file {name}: {e.strerror}") from None
+__all__ = ["load_prompts", "load_prompt_records", "split_prompts", "PPODataset", "tokenize_prompts", "pad_prompts",
+           "PromptIterator", "run_datasets"]
 
 
-def _is_json_object(line: str) -> bool:
-    if not line.startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
+def load_prompt_records(path: str | os.PathLike, field: str = "prompt",
+                        columns: Sequence[str] | None = None) -> list[tuple[Prompt, str]]:
+    """(prompt, location) for every row of a file or folder, after the checks `PPODataset.from_file`
+    makes (fields, columns, chat messages); locations are 'file:LINE' or 'file[ROW]'."""
+    dataset = PPODataset.from_file(path, field=field, columns=columns)
+    return list(zip(dataset.prompts, dataset.sources or ()))
 
 
-def load_prompt_records(path: str | os.PathLike, field: str = "prompt") -> list[tuple[str, int]]:
-    """(prompt, line number) for every prompt of a file; see `load_prompts` for the formats."""
-    name = os.fspath(path)
-    text = _read_text(name)
-    lines = text.splitlines()
-    first = next((line.strip() for line in lines if line.strip()), "")
-    is_jsonl = name.endswith(".jsonl") or _is_json_object(first)
-    records: list[tuple[str, int]] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if not is_jsonl:
-            records.append((line, lineno))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{name}:{lineno}: expected a JSON object with a {field!r} field, got {type(obj).__name__}")
-        if field not in obj:
-            keys = ", ".join(repr(k) for k in obj) or "none"
-            raise DataError(f"{name}:{lineno}: missing field {field!r} (keys present: {keys})")
-        prompt = obj[field]
-        if not isinstance(prompt, str):
-            raise DataError(f"{name}:{lineno}: field {field!r} must be a string, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise DataError(f"{name}:{lineno}: field {field!r} is empty")
-        records.append((prompt, lineno))
-    if not records:
-        raise DataError(f"{name}: no prompts found (the file is empty)")
-    return records
-
-
-def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
+def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[Prompt]:
     """Prompts from a file, in file order.
 
     `.jsonl` files (or files whose first non-blank line is a JSON object) hold one JSON object per
-    line with the prompt in `field`; anything else is plain text, one prompt per non-empty line.
-    Blank lines are skipped. Raises DataError naming the file and line on any malformed line.
+    line with the prompt in `field`; `.json` a list of such objects; `.parquet` a table; a folder
+    what `datasets` reads; anything else is plain text, one prompt per non-empty line. A prompt is
+    a string or a list of chat messages. Raises DataError naming the file and line on a bad row.
     """
-    return [prompt for prompt, _ in load_prompt_records(path, field)]
+    return PPODataset.from_file(path, field=field, columns=[]).prompts   # the prompts only: no column checks
 
 
-class PPODataset:
-    """A list of prompt strings, with an optional location per prompt (e.g. 'prompts.jsonl:7')."""
-
-    def __init__(self, prompts: Sequence[str], sources: Sequence[str] | None = None):
-        prompts = list(prompts)
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise DataError(f"PPODataset: prompt {i} is a {type(p).__name__}, expected str")
-        if sources is not None and len(sources) != len(prompts):
-            raise ValueError(f"PPODataset: {len(sources)} sources for {len(prompts)} prompts")
-        self.prompts: list[str] = prompts
-        self.sources: list[str] | None = list(sources) if sources is not None else None
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, field: str = "prompt") -> PPODataset:
-        records = load_prompt_records(path, field)
-        return cls([p for p, _ in records], [f"{os.fspath(path)}:{line}" for _, line in records])
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> PPODataset: ...
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return PPODataset(self.prompts[index], self.sources[index] if self.sources is not None else None)
-        return self.prompts[index]
-
-    def select(self, indices: Sequence[int]) -> PPODataset:
-        """The prompts at `indices` (with their sources)."""
-        return PPODataset([self.prompts[i] for i in indices],
-                          [self.sources[i] for i in indices] if self.sources is not None else None)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.prompts)
-
-    def __repr__(self) -> str:
-        return f"PPODataset({len(self)} prompts)"
-
-
-def split_prompts(prompts: Sequence[str] | PPODataset, eval_fraction: float, seed: int) -> tuple[Any, Any]:
+def split_prompts(prompts: Sequence[Prompt] | PPODataset, eval_fraction: float, seed: int) -> tuple[Any, Any]:
     """Deterministic random split -> (train, eval), each in the original order.
 
     The eval part has round(n * eval_fraction) prompts, at least 1 when eval_fraction > 0; the
-    train part must keep at least one. A PPODataset gives PPODatasets (sources kept), else lists.
+    train part must keep at least one. A PPODataset gives PPODatasets (columns and sources kept), else lists.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
@@ -177,11 +87,14 @@ def pad_prompts(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> 
             np.concatenate([np.zeros((mask.shape[0], pad), mask.dtype), mask], axis=1))
 
 
-def tokenize_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int, truncation: str = "left",
+def tokenize_prompts(prompts: Sequence[Prompt], tokenizer: Any, max_length: int, truncation: str = "left",
                      use_chat_template: bool = False,
                      source: str | Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask, LEFT-padded to the longest prompt: np.int32 [N, L], L <= max_length.
 
+    A prompt is a string or a list of chat messages; messages are rendered by the tokenizer's chat
+    template (`apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`), and so
+    is a string as one user turn when `use_chat_template` is on.
     Left padding puts every prompt's last token in the last column, where generation starts.
     Special tokens (BOS) are added only if the tokenizer adds them itself; with a chat template the
     template decides. Prompts longer than `max_length`: truncation="left" keeps the last tokens
@@ -199,19 +112,35 @@ def tokenize_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int, tr
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad token nor an EOS token to pad prompts with")
 
-    if use_chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.use_chat_template is on but the tokenizer has no chat_template")
+    templated = [i for i, p in enumerate(prompts) if use_chat_template or not isinstance(p, str)]
+    if templated and not getattr(tokenizer, "chat_template", None):
+        i = templated[0]
+        reason = ("data.use_chat_template is on" if isinstance(prompts[i], str)
+                  else f"{_where(i, source)} is a list of chat messages")
+        raise DataError(f"{reason} but the tokenizer has no chat_template")
+    texts: list[str] = [p if isinstance(p, str) else "" for p in prompts]
+    for i in templated:
+        messages = prompts[i]
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        else:
+            check_messages(messages, _where(i, source))
         try:
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                   tokenize=False) for p in prompts]
+            texts[i] = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except ImportError as e:  # transformers renders templates with jinja2, an optional dependency
-            raise DataError(f"data.use_chat_template is on but the template cannot be rendered: {e}") from None
-        add_special_tokens = False  # the template already wrote the BOS it wants
-    else:
-        texts, add_special_tokens = prompts, True
-    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, truncation=False,
-                        verbose=False)["input_ids"]
+            raise DataError(f"the chat template cannot be rendered: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a template error (raise_exception, a bad variable)
+            raise DataError(f"{_where(i, source)}: the chat template failed ({type(e).__name__}: {one_line(e)})") from None
+    # a template already wrote the BOS it wants: no special tokens on top of it
+    encoded: list[list[int]] = [[] for _ in prompts]
+    chat = set(templated)
+    plain = [i for i in range(len(prompts)) if i not in chat]
+    for group, add_special_tokens in ((plain, True), (templated, False)):
+        if group:
+            out = tokenizer([texts[i] for i in group], add_special_tokens=add_special_tokens, padding=False,
+                            truncation=False, verbose=False)["input_ids"]
+            for i, ids in zip(group, out):
+                encoded[i] = ids
 
     bos = getattr(tokenizer, "bos_token_id", None)
     rows: list[list[int]] = []
@@ -314,28 +243,33 @@ class PromptIterator:
         self._epoch, self._position = epoch, position
 
 
-def run_datasets(config, train_dataset, eval_dataset) -> tuple[PPODataset, PPODataset]:
-    """(train, eval) PPODatasets from the arguments or `data.*`; prompts read from files keep their
-    'file:line' sources."""
+def run_datasets(config, train_dataset, eval_dataset,
+                 columns: Sequence[str] | None = None) -> tuple[PPODataset, PPODataset]:
+    """(train, eval) PPODatasets from the arguments or `data.*` (rows read from files keep their
+    'file:line' sources); `columns`: the column names to keep (None = all, e.g. `data.columns`).
+    Datasets given as PPODatasets are used as they are."""
     d = config.data
 
     def as_dataset(x):
-        return x if isinstance(x, PPODataset) else PPODataset(list(x))
+        return x if isinstance(x, PPODataset) else PPODataset(x, field=d.prompt_field, columns=columns)
+
+    def from_file(path):
+        return PPODataset.from_file(path, field=d.prompt_field, columns=columns)
 
     if train_dataset is None:
         if d.prompts:
-            prompts = PPODataset.from_file(d.prompts, field=d.prompt_field)
+            prompts = from_file(d.prompts)
         elif config.reward.task:
-            prompts = PPODataset(get_task(config.reward.task).prompts())
+            prompts = PPODataset(get_task(config.reward.task).prompts(), columns=columns)
         else:
             raise ConfigError("data.prompts is not set and reward.task is null: no prompts to train on",
                               keys=("data.prompts",))
         if eval_dataset is None and d.eval_prompts:
-            eval_dataset = PPODataset.from_file(d.eval_prompts, field=d.prompt_field)
+            eval_dataset = from_file(d.eval_prompts)
         if eval_dataset is None and d.eval_fraction > 0:
             train_dataset, eval_dataset = split_prompts(prompts, d.eval_fraction, config.train.seed)
         else:
             train_dataset = prompts
     elif eval_dataset is None and d.eval_prompts:
-        eval_dataset = PPODataset.from_file(d.eval_prompts, field=d.prompt_field)
+        eval_dataset = from_file(d.eval_prompts)
     return as_dataset(train_dataset), as_dataset(eval_dataset if eval_dataset is not None else [])

@@ -1,8 +1,9 @@
 """Built-in tasks: prompts plus a programmatic reward, for the demo, tests and benchmarks.
 
-A reward function takes the decoded prompts and responses and returns one float per row:
+A reward function takes the prompts, the decoded responses and the rows' other columns, and
+returns one float per row (`jaxppo.data.scoring` calls it):
 
-    def my_reward(prompts: list[str], responses: list[str]) -> list[float]
+    def my_reward(prompts: list, responses: list[str], **columns) -> list[float]
 
 Point `reward.functions: ["my_module:my_reward"]` at your own; `reward.task` picks one of these.
 
@@ -14,9 +15,17 @@ Point `reward.functions: ["my_module:my_reward"]` at your own; `reward.task` pic
               30-40 nats per response.
 - `length`:   1 - |len(words) - 12| / 12, clipped to [-1, 1]: learn to stop at a length.
 - `keyword`:  +1 per occurrence of "the" (case-insensitive), at most 4.
+- `letters`:  prompts ask for one letter over and over ("Repeat the letter s: s"), rows
+              {"prompt", "answer": "s"} over six letters; the reward is the share of the response's
+              letters equal to the row's `answer` column, so it depends on the prompt: the demo of
+              rewards that read the data and of critic-free advantages. A random tiny GPT-2 scores
+              about 0.07 (a policy that ignores the prompt at most 1/6); GRPO (G=4, kl_coef 0,
+              the other settings the demo's) lifts it to 0.2-0.35 in 100 iterations, about 30 s
+              on a 2-core CPU. A KL penalty in the reward (kl_in=reward) drives the responses
+              short instead.
 
-`score_responses` calls a set of weighted reward functions on one batch, as the trainer does at
-every step and evaluation, and finds, names and raises or penalises the rows a function fails on.
+`score_responses` and `RewardScorer` (jaxppo.data.scoring) call a set of weighted reward
+functions on one batch, as the trainer does at every step and evaluation.
 """
 
 from __future__ import annotations
@@ -25,13 +34,13 @@ import importlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
+from jaxppo.data.scoring import RewardFn, RewardScorer, score_responses
+from jaxppo.errors import ConfigError
 
-from jaxppo.errors import ConfigError, RewardError, one_line
-
-RewardFn = Callable[[list[str], list[str]], list[float]]
+__all__ = ["Task", "TASKS", "get_task", "import_function", "reward_functions", "demo_prompts", "letter_prompts",
+           "vowels", "length", "keyword", "letters", "RewardFn", "RewardScorer", "score_responses"]
 
 _SUBJECTS = ["the cat", "a small dog", "the old farmer", "my neighbour", "the young engineer",
              "a tired student", "the red fox", "our teacher", "a clever robot", "the baker",
@@ -70,16 +79,48 @@ def keyword(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(min(4, len(re.findall(r"\bthe\b", r.lower())))) for r in responses]
 
 
+_LETTER_ASKS = ["Write the letter {c} again and again:", "Repeat the letter {c}:", "Type {c} many times:",
+                "Say {c} over and over:", "Fill the line with the letter {c}:", "Only the letter {c}, please:",
+                "Keep writing {c}:", "Letter {c}, as many times as you can:", "{c} {c} {c}, and more:",
+                "Give me a long row of {c}:"]
+
+
+def letter_prompts(n: int = 520, seed: int = 0, letters: str = "aeiost") -> list[dict[str, str]]:
+    """Rows {"prompt", "answer"}: a letter and a phrasing asking to repeat it, the prompt ending
+    with the letter as the start of the answer ("Repeat the letter s: s"); every letter equally
+    often, deterministic from `seed`. Six letters by default: with all 26, a tiny random model
+    meets each too rarely to learn the mapping within ~100 iterations. Any policy that ignores the
+    prompt scores at most 1 / len(letters) on average, so a mean reward above it shows conditioning."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        c = letters[i % len(letters)]
+        rows.append({"prompt": f"{rng.choice(_LETTER_ASKS).format(c=c)} {c}", "answer": c})
+    rng.shuffle(rows)
+    return rows
+
+
+def letters(prompts: list, responses: list[str], answer: list[str]) -> list[float]:
+    """Share of each response's letters equal to its row's `answer` letter (case-insensitive);
+    0 for a response without letters."""
+    out = []
+    for r, a in zip(responses, answer):
+        chars = [c for c in r.lower() if c.isalpha()]
+        out.append(sum(c == a.lower() for c in chars) / len(chars) if chars else 0.0)
+    return out
+
+
 @dataclass(frozen=True)
 class Task:
-    reward: RewardFn
-    prompts: Callable[[], list[str]]
+    reward: RewardFn                 # fn(prompts, responses, **columns) -> scores
+    prompts: Callable[[], list]      # prompts, or dict rows {"prompt", <columns>} for the reward
 
 
 TASKS: dict[str, Task] = {
     "vowels": Task(vowels, demo_prompts),
     "length": Task(length, demo_prompts),
     "keyword": Task(keyword, demo_prompts),
+    "letters": Task(letters, letter_prompts),
 }
 
 
@@ -104,75 +145,6 @@ def import_function(spec: str, key: str = "reward.functions") -> RewardFn:
     return fn
 
 
-def score_responses(reward_fns: list[tuple[str, RewardFn, float]], prompts: list[str], texts: list[str], *,
-                    on_error: str = "raise", error_penalty: float = 0.0, log: Callable[[str], None] = print,
-                    sources: Mapping[str, str] | None = None) -> np.ndarray:
-    """Weighted sum of reward functions' scores, float32 [B]: `reward_fns` are (name, fn, weight),
-    `texts` the decoded responses to `prompts`.
-
-    A function that raises (or returns the wrong number of scores) on the batch is called again
-    on each row to find the prompt at fault; a non-finite score names its prompt too. With
-    on_error="raise" that is a RewardError; with "penalty" the rows at fault score error_penalty
-    (with a warning through `log`) and the others keep their scores. `sources` maps a prompt to
-    where it comes from ('prompts.jsonl:7'), shown next to it.
-    """
-    B = len(prompts)
-    total = np.zeros(B, np.float64)
-    sources = sources or {}
-
-    def show(text: str, limit: int = 80) -> str:
-        return repr(text if len(text) <= limit else text[:limit - 3] + "...")
-
-    def prompt_at(i: int) -> str:
-        where = sources.get(prompts[i])
-        return show(prompts[i]) + (f" ({where})" if where else "")
-
-    def call(fn, p, t):
-        """(scores float64 [len(p)], None) or (None, what went wrong)."""
-        try:
-            values = np.asarray(fn(p, t), dtype=np.float64).reshape(-1)
-        except Exception as e:  # noqa: BLE001 - user code
-            return None, f"{type(e).__name__}: {one_line(e)}"
-        if values.shape[0] != len(p):
-            return None, f"returned {values.shape[0]} scores for {len(p)} responses"
-        return values, None
-
-    for name, fn, weight in reward_fns:
-        values, error = call(fn, prompts, texts)
-        if error is not None:
-            values, failed = np.full(B, error_penalty, np.float64), []
-            for i in range(B):             # the batch call does not say which row is at fault
-                row, row_error = call(fn, prompts[i:i + 1], texts[i:i + 1])
-                if row_error is None:
-                    values[i] = row[0]
-                    continue
-                failed.append(i)
-                if on_error == "raise":
-                    raise RewardError(f"reward function {name} failed on prompt {prompt_at(i)} "
-                                      f"(response {show(texts[i])}): {row_error}")
-                if len(failed) == 1:
-                    error = f"{row_error}; first on prompt {prompt_at(i)}"
-            if not failed:                 # every row passes alone: the batch as a whole is at fault
-                if on_error == "raise":
-                    raise RewardError(f"reward function {name} failed on a batch of {B} prompts "
-                                      f"(first {prompt_at(0)}): {error}")
-                values[:], failed = error_penalty, list(range(B))
-            log(f"warning: reward function {name} failed on {len(failed)} of {B} responses ({error}); "
-                f"they score reward.error_penalty={error_penalty}")
-        bad = ~np.isfinite(values)
-        if bad.any():
-            i = int(np.argmax(bad))
-            if on_error == "raise":
-                raise RewardError(f"reward function {name} returned {values[i]} for prompt {prompt_at(i)} "
-                                  f"(response {show(texts[i])}); reward.on_error=penalty scores such "
-                                  "responses reward.error_penalty instead")
-            log(f"warning: reward function {name} returned {int(bad.sum())} non-finite scores "
-                f"(first {values[i]} for prompt {prompt_at(i)}); using reward.error_penalty={error_penalty}")
-            values = np.where(bad, error_penalty, values)
-        total += weight * values
-    return total.astype(np.float32)
-
-
 def reward_functions(reward_cfg, extra: Sequence[Callable] | None = None) -> list[tuple[str, RewardFn, float]]:
     """(name, fn, weight) of every reward function a run uses: the built-in `reward.task`, the
     `reward.functions` specs ('module:function', weighted by `reward.weights`), and the Python
@@ -186,28 +158,3 @@ def reward_functions(reward_cfg, extra: Sequence[Callable] | None = None) -> lis
     for fn in extra or ():
         fns.append((getattr(fn, "__name__", repr(fn)), fn, 1.0))
     return fns
-
-
-class RewardScorer:
-    """The reward functions of a run applied to sampled token ids: decode the valid response
-    tokens, call `score_responses`, return float32 [B] (zeros without functions).
-
-    `sources` maps a prompt to where it came from ('prompts.jsonl:7'), so that a reward error
-    names the line; the trainer sets it for each training run."""
-
-    def __init__(self, fns: list[tuple[str, RewardFn, float]], tokenizer, reward_cfg, log: Callable[[str], None]):
-        self.fns = fns
-        self.tokenizer = tokenizer
-        self.on_error = reward_cfg.on_error
-        self.error_penalty = reward_cfg.error_penalty
-        self.log = log
-        self.sources: Mapping[str, str] = {}
-
-    def __call__(self, prompts: list[str], response, mask) -> np.ndarray:
-        """response, mask: [B, R] token ids and response mask (NumPy, or device arrays to copy)."""
-        if not self.fns:
-            return np.zeros(len(prompts), np.float32)
-        response, mask = np.asarray(response), np.asarray(mask)
-        texts = [self.tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(response, mask)]
-        return score_responses(self.fns, prompts, texts, on_error=self.on_error, error_penalty=self.error_penalty,
-                               log=self.log, sources=self.sources)

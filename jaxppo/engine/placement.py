@@ -23,9 +23,12 @@ class Placement:
     critic_mesh: Mesh          # the critic and its optimiser state (the same mesh when colocated)
 
     @classmethod
-    def from_config(cls, train_cfg, devices=None) -> Placement:
-        """The meshes `train.mesh_data` x `train.mesh_fsdp` for `train.placement` (`make_meshes`)."""
-        return cls(*make_meshes(train_cfg.mesh_data, train_cfg.mesh_fsdp, train_cfg.placement, devices))
+    def from_config(cls, config, devices=None) -> Placement:
+        """The meshes `train.mesh_data` x `train.mesh_fsdp` for `train.placement` (`make_meshes`);
+        without a critic (the critic-free estimators) every model shares one mesh."""
+        t = config.train
+        placement = "colocated" if config.algo.critic_free else t.placement
+        return cls(*make_meshes(t.mesh_data, t.mesh_fsdp, placement, devices))
 
     @property
     def separate(self) -> bool:

@@ -25,6 +25,7 @@ run draws exactly the keys an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -47,9 +48,12 @@ from jaxppo.runtime import update_compiler_options
 
 
 def sample_phase(policy_graph, sampling: SamplingParams, policy_params, prompt_ids, prompt_mask, key):
-    """Sample R tokens (KV cache): (sample output, attention mask of prompt + response)."""
+    """Sample R tokens (KV cache), G per prompt: (sample output, attention mask of prompt + response),
+    `[B*G, ...]` rows."""
     policy = nnx.merge(policy_graph, policy_params)
     out = sample(policy, prompt_ids, prompt_mask, key, sampling)
+    if sampling.num_generations > 1:
+        prompt_mask = jnp.repeat(prompt_mask, sampling.num_generations, axis=0)      # [B*G, P]
     attn = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones_like(out.response)], axis=1)
     return out, attn
 
@@ -82,8 +86,10 @@ def values_phase(critic_graph, forward_batch_size, critic_params, tokens, attent
 
 def evaluate_phase(graphs: ModelGraphs, s: StepSettings, policy_params, frozen: Frozen, prompt_ids, prompt_mask,
                    key) -> EvalOutput:
-    """Sample with `key` (fixed by the caller) and score: what an evaluation reports, nothing more."""
-    out, attn = sample_phase(graphs.policy, s.sampling, policy_params, prompt_ids, prompt_mask, key)
+    """Sample one response per prompt with `key` (fixed by the caller) and score it: what an
+    evaluation reports, nothing more."""
+    sampling = dataclasses.replace(s.sampling, num_generations=1)
+    out, attn = sample_phase(graphs.policy, sampling, policy_params, prompt_ids, prompt_mask, key)
     ref_logprobs, scores = score_phase(graphs.ref, graphs.reward_model, s, frozen, out.tokens, attn, out.response,
                                        out.mask)
     kl = ((out.logprobs - ref_logprobs) * out.mask).sum(-1)
@@ -108,8 +114,8 @@ class Optimizers(NamedTuple):
 
     policy_tx: Any
     policy_schedule: Callable
-    critic_tx: Any
-    critic_schedule: Callable
+    critic_tx: Any = None          # None for the critic-free estimators
+    critic_schedule: Callable | None = None
 
 
 class Programs(NamedTuple):
@@ -118,12 +124,12 @@ class Programs(NamedTuple):
 
     sample: Callable          # (policy params, prompt ids, prompt mask, key) -> (SampleOutput, attention mask)
     score: Callable           # (frozen, tokens, attn, response, mask) -> (ref log-probs, RM scores)
-    values: Callable          # (critic params, tokens, attn, mask) -> values
+    values: Callable | None   # (critic params, tokens, attn, mask) -> values; None without a critic
     evaluate: Callable        # (policy params, frozen, prompt ids, prompt mask, key) -> EvalOutput
     sampling_key: Callable    # (rng, step) -> key
     prepare: Callable         # (small state, Experience, fn scores) -> (PPOBatch, perm key, plateau value, aux)
     policy_update: Callable   # (params, opt, batch, perm key, plateau value, count) -> (params, opt, out); donated
-    critic_update: Callable
+    critic_update: Callable | None
     finish: Callable          # (small state, aux, policy out, critic out) -> (kl, moments, IterationMetrics)
     placement: Placement
     settings: StepSettings
@@ -132,18 +138,25 @@ class Programs(NamedTuple):
     def steps_per_iteration(self) -> int:
         return self.settings.update.steps_per_iteration
 
+    @property
+    def has_critic(self) -> bool:
+        return self.critic_update is not None
+
     def jitted(self) -> dict:
         """Every jitted program by name (for compile counts and HLO dumps)."""
-        return {name: getattr(self, name) for name in ("sample", "score", "values", "prepare", "policy_update",
-                                                       "critic_update", "finish", "evaluate", "sampling_key")}
+        names = ("sample", "score", "values", "prepare", "policy_update", "critic_update", "finish", "evaluate",
+                 "sampling_key")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 def make_programs(settings: StepSettings, graphs: ModelGraphs, optimizers: Optimizers, placement: Placement,
                   policy_shardings=None, critic_shardings=None) -> Programs:
     """Jit every phase with its static settings bound. policy_shardings / critic_shardings: the
     (params, optimiser state) shardings each update program pins its outputs to
-    (`Placement.pinned_shardings`; None: one device, nothing to pin)."""
+    (`Placement.pinned_shardings`; None: one device, nothing to pin). Without a critic
+    (`graphs.critic` None: the critic-free estimators) there are no `values` and `critic_update`."""
     s, options = settings, update_compiler_options()
+    critic = graphs.critic is not None
 
     def update_program(objective, graph, tx, schedule, shardings):
         return jax.jit(functools.partial(optimise, objective, graph, tx, schedule, s.update),
@@ -154,14 +167,14 @@ def make_programs(settings: StepSettings, graphs: ModelGraphs, optimizers: Optim
     return Programs(
         sample=jax.jit(functools.partial(sample_phase, graphs.policy, s.sampling)),
         score=jax.jit(functools.partial(score_phase, graphs.ref, graphs.reward_model, s)),
-        values=jax.jit(functools.partial(values_phase, graphs.critic, s.forward_batch_size)),
+        values=jax.jit(functools.partial(values_phase, graphs.critic, s.forward_batch_size)) if critic else None,
         evaluate=jax.jit(functools.partial(evaluate_phase, graphs, s)),
         sampling_key=jax.jit(sampling_key),
         prepare=jax.jit(functools.partial(prepare, s)),
         policy_update=update_program(policy_objective(s.update, s.sampling.scoring_temperature), graphs.policy,
                                      o.policy_tx, o.policy_schedule, policy_shardings),
         critic_update=update_program(value_objective(s.update), graphs.critic, o.critic_tx, o.critic_schedule,
-                                     critic_shardings),
+                                     critic_shardings) if critic else None,
         finish=jax.jit(functools.partial(finish, s)),
         placement=placement, settings=s)
 
@@ -183,6 +196,8 @@ def _values_args(p: Programs, state: TrainState, tokens, attn, mask):
 def _update_args(p: Programs, state: TrainState, batch, perm_key, plateau_value):
     """What `policy_update` and `critic_update` take, the critic's on the critic's mesh."""
     scalars = (perm_key, plateau_value, state.step * p.steps_per_iteration)
+    if not p.has_critic:
+        return (state.policy, state.policy_opt, batch, *scalars), None
     cbatch, cscalars = p.placement.to_critic(batch, scalars)
     return (state.policy, state.policy_opt, batch, *scalars), (state.critic, state.critic_opt, cbatch, *cscalars)
 
@@ -193,9 +208,10 @@ def rollout(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_m
     critic's, side by side when those differ. Dispatch only: no host sync."""
     key = p.sampling_key(state.rng, state.step) if key is None else key
     out, attn = p.sample(state.policy, prompt_ids, prompt_mask, key)
-    values = p.values(*_values_args(p, state, out.tokens, attn, out.mask))
+    values = p.values(*_values_args(p, state, out.tokens, attn, out.mask)) if p.has_critic else None
     ref_logprobs, scores = p.score(frozen, out.tokens, attn, out.response, out.mask)
-    values, _ = p.placement.to_policy(values)
+    if values is not None:
+        values, _ = p.placement.to_policy(values)
     return Experience(tokens=out.tokens, attention_mask=attn, response=out.response, mask=out.mask,
                       logprobs=out.logprobs, ref_logprobs=ref_logprobs, values=values, rm_scores=scores,
                       num_steps=out.num_steps)
@@ -209,8 +225,10 @@ def update(p: Programs, state: TrainState, exp: Experience, fn_scores) -> tuple[
     batch, perm_key, plateau_value, aux = p.prepare(small, exp, fn_scores)
     policy_args, critic_args = _update_args(p, state, batch, perm_key, plateau_value)
     policy, policy_opt, pout = p.policy_update(*policy_args)
-    critic, critic_opt, cout = p.critic_update(*critic_args)
-    _, cout = p.placement.to_policy(scalars=cout)
+    critic, critic_opt, cout = state.critic, state.critic_opt, None
+    if p.has_critic:
+        critic, critic_opt, cout = p.critic_update(*critic_args)
+        _, cout = p.placement.to_policy(scalars=cout)
     kl, moments, metrics = p.finish(small, aux, pout, cout)
     return state.replace(policy=policy, critic=critic, policy_opt=policy_opt, critic_opt=critic_opt,
                          kl=kl, reward_moments=moments, step=state.step + 1), metrics
@@ -224,9 +242,11 @@ def lower(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_mas
     small = _small(state)
     batch, perm_key, plateau_value, _ = p.prepare(small, exp, fn_scores)
     policy_args, critic_args = _update_args(p, state, batch, perm_key, plateau_value)
-    return {"sample": p.sample.lower(state.policy, prompt_ids, prompt_mask, key),
-            "score": p.score.lower(frozen, exp.tokens, exp.attention_mask, exp.response, exp.mask),
-            "values": p.values.lower(*_values_args(p, state, exp.tokens, exp.attention_mask, exp.mask)),
-            "prepare": p.prepare.lower(small, exp, fn_scores),
-            "policy_update": p.policy_update.lower(*policy_args),
-            "critic_update": p.critic_update.lower(*critic_args)}
+    lowered = {"sample": p.sample.lower(state.policy, prompt_ids, prompt_mask, key),
+               "score": p.score.lower(frozen, exp.tokens, exp.attention_mask, exp.response, exp.mask),
+               "prepare": p.prepare.lower(small, exp, fn_scores),
+               "policy_update": p.policy_update.lower(*policy_args)}
+    if p.has_critic:
+        lowered["values"] = p.values.lower(*_values_args(p, state, exp.tokens, exp.attention_mask, exp.mask))
+        lowered["critic_update"] = p.critic_update.lower(*critic_args)
+    return lowered

@@ -42,6 +42,7 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()  # any of these ends a row
     pad_token_id: int = 0          # written after EOS
     stop_at_eos: bool = True       # False: always R tokens, EOS is an ordinary token (the peer bench)
+    num_generations: int = 1       # G samples per prompt: rows b*G .. b*G+G-1 continue prompt b
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -52,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
 
     @property
     def greedy(self) -> bool:
@@ -69,7 +72,7 @@ class SamplingParams:
         r = rollout_cfg
         return cls(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                    eos_token_ids=tuple(eos_token_ids) if r.stop_at_eos else (), pad_token_id=pad_token_id,
-                   stop_at_eos=r.stop_at_eos)
+                   stop_at_eos=r.stop_at_eos, num_generations=r.num_generations)
 
 
 @struct.dataclass
@@ -134,7 +137,9 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
            params: SamplingParams) -> RolloutOutput:
     """Prefill + decode (traceable; call it inside jit, or use `generate`).
 
-    prompt_ids, prompt_mask: [B, P], left-padded.
+    prompt_ids, prompt_mask: [B, P], left-padded. With `params.num_generations` = G > 1 every
+    prompt is prefilled once and its KV cache (and first-token logits) repeated for its G samples:
+    the output has B*G rows, prompt-major (rows b*G .. b*G+G-1 continue prompt b).
     """
     if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got "
@@ -152,6 +157,12 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     # prefill: every prompt token's K/V, but the head only where the first token is predicted
     logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P),
                                  head_kernel=head)
+    G = params.num_generations
+    if G > 1:   # the G samples of a prompt share its prefill: repeat the cache, not the work
+        rep = lambda x: jnp.repeat(x, G, axis=0)                            # [B, ...] -> [B*G, ...]
+        cache, logits = jax.tree.map(rep, cache), rep(logits)
+        prompt_ids, prompt_lens = rep(prompt_ids), rep(prompt_lens)
+        B = B * G
     key, sub = jax.random.split(key)
     token, logprob = _choose(logits[:, -1], sub, params)                   # [B], [B]
 

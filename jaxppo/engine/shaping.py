@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxppo.core import advantages as adv
 from jaxppo.core import rewards as rw
 from jaxppo.core.gae import gae
 from jaxppo.core.masked import masked_mean, masked_whiten
@@ -33,6 +34,10 @@ class StepSettings:
     gamma: float = 1.0
     lam: float = 0.95
     kl_estimator: str = "k1"
+    kl_in: str = "reward"                           # reward: a per-token penalty; loss: in the policy loss
+    advantage: str = "gae"                          # gae | grpo | rloo | reinforce_pp | reinforce_pp_baseline
+    scale_rewards: str = "group"                    # grpo's std: group | batch | none
+    overlong: tuple[int, int, float] | None = None  # (max_length, buffer, penalty)
     adaptive_kl: tuple[float, int] | None = None    # (target, horizon)
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None
@@ -42,6 +47,14 @@ class StepSettings:
     plateau_metric: str | None = None               # objective/* key driving reduce-on-plateau
     plateau_sign: float = 1.0                       # -1 for mode "max" (optax minimises)
 
+    @property
+    def group_size(self) -> int:
+        return self.sampling.num_generations
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage != "gae"
+
     @classmethod
     def from_config(cls, config, eos_token_ids: tuple[int, ...], pad_token_id: int) -> StepSettings:
         """The config's settings, with the stop tokens and pad id the loaded models give."""
@@ -49,7 +62,10 @@ class StepSettings:
         return cls(
             sampling=SamplingParams.from_config(config.rollout, eos_token_ids, pad_token_id),
             update=UpdateSettings.from_config(config),
-            gamma=p.gamma, lam=p.lam, kl_estimator=p.kl_estimator,
+            gamma=p.gamma, lam=p.lam, kl_estimator=config.kl_estimator, kl_in=p.kl_in,
+            advantage=config.algo.advantage, scale_rewards=config.algo.scale_rewards,
+            overlong=None if config.reward.overlong is None else
+            (config.reward.overlong.max_length, config.reward.overlong.buffer, config.reward.overlong.penalty),
             adaptive_kl=None if p.adaptive_kl is None else (p.adaptive_kl.target, p.adaptive_kl.horizon),
             whiten_advantages=p.whiten_advantages, missing_eos_penalty=config.rollout.missing_eos_penalty,
             reward_clip=config.reward.clip, normalize_rewards=config.reward.normalize,
@@ -70,21 +86,21 @@ class RolloutStats(NamedTuple):
     rlhf_reward: jax.Array             # non_score_reward + score
     scores: jax.Array                  # mean raw score (reward model + functions)
     num_eos_tokens: jax.Array
-    mean_values: jax.Array
-    mean_returns: jax.Array
+    mean_values: jax.Array | None      # without a critic: None
+    mean_returns: jax.Array | None
     response_length: jax.Array
     kl_coef: jax.Array
     scores_normalized: jax.Array | None   # with reward.normalize only
+    group: dict | None = None          # G > 1 / critic-free: TRL GRPO's names (reward, reward_std, ...)
 
     def as_dict(self) -> dict:
         d = {"objective/kl": self.kl, "objective/entropy": self.entropy,
              "objective/non_score_reward": self.non_score_reward, "objective/rlhf_reward": self.rlhf_reward,
              "objective/scores": self.scores, "val/num_eos_tokens": self.num_eos_tokens,
              "val/mean_values": self.mean_values, "val/mean_returns": self.mean_returns,
-             "response_length": self.response_length, "kl_coef": self.kl_coef}
-        if self.scores_normalized is not None:
-            d["objective/scores_normalized"] = self.scores_normalized
-        return d
+             "response_length": self.response_length, "kl_coef": self.kl_coef,
+             "objective/scores_normalized": self.scores_normalized, **(self.group or {})}
+        return {k: v for k, v in d.items() if v is not None}
 
 
 class PrepareAux(NamedTuple):
@@ -106,8 +122,11 @@ class IterationMetrics(NamedTuple):
     nonfinite: jax.Array               # 1.0 when an optimiser step of either model was skipped
 
     def as_dict(self) -> dict:
-        return {**self.rollout.as_dict(), **self.update.as_dict(), "lr": self.lr, "lr_critic": self.lr_critic,
-                "nonfinite": self.nonfinite}
+        d = {**self.rollout.as_dict(), **self.update.as_dict(), "lr": self.lr, "lr_critic": self.lr_critic,
+             "nonfinite": self.nonfinite}
+        if self.rollout.group is not None:
+            d["entropy"] = self.update.entropy          # TRL GRPO's: the training forward's mean entropy
+        return {k: v for k, v in d.items() if v is not None}
 
 
 def iteration_keys(rng, step):
@@ -127,9 +146,69 @@ def has_eos(response, mask, eos_token_ids: tuple[int, ...]):
     return eos.any(-1)
 
 
+def gae_advantages(s: StepSettings, scores, exp: Experience, kl_coef):
+    """PPO: the KL penalty per token in the reward, the score at the last token, GAE over the
+    critic's values, whitened: (advantages, returns, per-token KL)."""
+    rewards, kl = rw.shape_rewards(scores, exp.logprobs, exp.ref_logprobs, exp.mask, kl_coef, s.kl_estimator)
+    advantages, returns = gae(rewards, exp.values, exp.mask, s.gamma, s.lam)
+    if s.whiten_advantages:
+        advantages = masked_whiten(advantages, exp.mask) * exp.mask
+    return advantages, returns, kl
+
+
+def sequence_advantages(estimate):
+    """A critic-free estimator of one advantage per response (`estimate(s, rewards [N]) -> [N]`),
+    broadcast over its valid tokens; with the KL in the reward, the reward is the score minus
+    kl_coef x the response's summed KL (as OpenRLHF's RLOO)."""
+
+    def advantages(s: StepSettings, scores, exp: Experience, kl_coef):
+        kl = rw.kl_per_token(exp.logprobs, exp.ref_logprobs, s.kl_estimator) * exp.mask
+        rewards = scores - kl_coef * kl.sum(-1) if s.kl_in == "reward" else scores
+        return adv.broadcast_to_tokens(estimate(s, rewards), exp.mask), None, kl
+
+    return advantages
+
+
+def reinforce_pp_advantages(baseline: bool):
+    """REINFORCE++ (OpenRLHF): per-token rewards (the score at the last token, the KL penalty per
+    token when it is in the reward), discounted returns whitened over the batch; with `baseline`
+    the score first loses its group's mean (REINFORCE++-baseline)."""
+
+    def advantages(s: StepSettings, scores, exp: Experience, kl_coef):
+        if baseline:
+            scores = adv.group_baseline(scores, s.group_size)
+        coef = kl_coef if s.kl_in == "reward" else 0.0
+        rewards, kl = rw.shape_rewards(scores, exp.logprobs, exp.ref_logprobs, exp.mask, coef, s.kl_estimator)
+        advantages, _ = adv.reinforce_pp(rewards, exp.mask, s.gamma)
+        return advantages, None, kl
+
+    return advantages
+
+
+# algo.advantage -> (settings, scores [N], Experience, kl coefficient) -> (advantages, returns or None, kl)
+ESTIMATORS = {
+    "gae": gae_advantages,
+    "grpo": sequence_advantages(lambda s, r: adv.grpo(r, s.group_size, scale=s.scale_rewards)),
+    "rloo": sequence_advantages(lambda s, r: adv.rloo(r, s.group_size)),
+    "reinforce_pp": reinforce_pp_advantages(baseline=False),
+    "reinforce_pp_baseline": reinforce_pp_advantages(baseline=True),
+}
+
+
+def group_metrics(scores, mask, kl, group_size: int) -> dict:
+    """TRL GRPO's rollout metrics: reward, reward_std (mean over groups of the group's std, ddof 1),
+    frac_reward_zero_std, completions/mean_length, kl (mean per valid token)."""
+    out = {"reward": scores.mean(), "completions/mean_length": mask.sum(-1).mean(), "kl": masked_mean(kl, mask)}
+    if group_size > 1:
+        std = scores.reshape(-1, group_size).std(axis=1, ddof=1)                   # [N / G]
+        out.update({"reward_std": std.mean(), "frac_reward_zero_std": (std < 1e-6).mean(dtype=jnp.float32)})
+    return out
+
+
 def prepare(s: StepSettings, small, exp: Experience, fn_scores):
-    """Scores -> shaped rewards -> GAE -> (whitened) advantages: the PPOBatch both models train
-    on, the permutation key, the plateau value (None without a plateau schedule), and PrepareAux."""
+    """Scores -> (missing-EOS penalty, overlong punishment, clip, normalisation) -> advantages by
+    `s.advantage` (`ESTIMATORS`): the PPOBatch the models train on, the permutation key, the
+    plateau value (None without a plateau schedule), and PrepareAux."""
     kl_state, moments, rng, step = small
     mask = exp.mask
     scores = exp.rm_scores + fn_scores.astype(jnp.float32)                # [B]
@@ -137,6 +216,8 @@ def prepare(s: StepSettings, small, exp: Experience, fn_scores):
     eos = has_eos(exp.response, mask, s.sampling.eos_token_ids)
     if s.missing_eos_penalty is not None:
         scores = rw.missing_eos_penalty(scores, eos, s.missing_eos_penalty)
+    if s.overlong is not None:
+        scores = scores + rw.overlong_penalty(mask.sum(-1), *s.overlong)
     if s.reward_clip:
         scores = rw.clip_rewards(scores, s.reward_clip)
     if s.normalize_rewards:
@@ -144,22 +225,21 @@ def prepare(s: StepSettings, small, exp: Experience, fn_scores):
         scores = rw.normalize_scores(moments, scores)
 
     kl_coef = kl_state.value
-    rewards, kl = rw.shape_rewards(scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef, s.kl_estimator)
-    advantages, returns = gae(rewards, exp.values, mask, s.gamma, s.lam)
-    if s.whiten_advantages:
-        advantages = masked_whiten(advantages, mask) * mask
-
+    advantages, returns, kl = ESTIMATORS[s.advantage](s, scores, exp, kl_coef)
     batch = PPOBatch(tokens=exp.tokens, attention_mask=exp.attention_mask, response=exp.response,
                      mask=mask, old_logprobs=exp.logprobs, old_values=exp.values,
-                     advantages=advantages, returns=returns)
+                     advantages=advantages, returns=returns,
+                     ref_logprobs=exp.ref_logprobs if s.kl_in == "loss" else None)
     kl_seq = kl.sum(-1)                                                    # [B] per-sequence KL
-    non_score = (-kl_coef * kl).sum(-1)
+    non_score = (-kl_coef * kl).sum(-1) if s.kl_in == "reward" else jnp.zeros_like(kl_seq)
     stats = RolloutStats(
         kl=kl_seq.mean(), entropy=(-exp.logprobs * mask).sum(-1).mean(), non_score_reward=non_score.mean(),
         rlhf_reward=(non_score + scores).mean(), scores=raw_scores.mean(),
-        num_eos_tokens=eos.sum().astype(jnp.float32), mean_values=masked_mean(exp.values, mask),
-        mean_returns=masked_mean(returns, mask), response_length=mask.sum(-1).mean(), kl_coef=kl_coef,
-        scores_normalized=scores.mean() if s.normalize_rewards else None)
+        num_eos_tokens=eos.sum().astype(jnp.float32),
+        mean_values=None if exp.values is None else masked_mean(exp.values, mask),
+        mean_returns=None if returns is None else masked_mean(returns, mask), response_length=mask.sum(-1).mean(),
+        kl_coef=kl_coef, scores_normalized=scores.mean() if s.normalize_rewards else None,
+        group=group_metrics(raw_scores, mask, kl, s.group_size) if s.critic_free or s.group_size > 1 else None)
     plateau_value = None
     if s.plateau_metric is not None:
         plateau_value = s.plateau_sign * stats.as_dict()[s.plateau_metric]
@@ -172,7 +252,8 @@ def finish(s: StepSettings, small, aux: PrepareAux, policy_out, critic_out):
     """Metrics, and the KL controller and reward statistics, which follow the iteration only when
     every optimiser step of both models counted."""
     kl_state, old_moments, _, _ = small
-    (pstats, plr), (cstats, clr) = policy_out, critic_out
+    pstats, plr = policy_out
+    cstats, clr = (None, None) if critic_out is None else critic_out
     upd = update_metrics(pstats, cstats)
     if s.adaptive_kl is not None:
         target, horizon = s.adaptive_kl

@@ -18,9 +18,9 @@ from jaxppo.core import rewards as rw
 @struct.dataclass
 class TrainState:
     policy: Any               # nnx.State of the policy
-    critic: Any               # nnx.State of the critic
+    critic: Any               # nnx.State of the critic; None for the critic-free estimators
     policy_opt: Any           # optax state
-    critic_opt: Any
+    critic_opt: Any           # None without a critic
     kl: Any                   # rewards.KLControllerState
     reward_moments: Any       # rewards.RunningMoments
     rng: jax.Array            # base key, constant; per-iteration keys are fold_in(rng, step)
@@ -43,7 +43,7 @@ class Experience:
     mask: jax.Array            # [B, R]
     logprobs: jax.Array        # [B, R] sampler log-probs (temperature-scaled)
     ref_logprobs: jax.Array    # [B, R]
-    values: jax.Array          # [B, R]
+    values: jax.Array | None   # [B, R]; None without a critic
     rm_scores: jax.Array       # [B] reward-model score at the last response token (0 without one)
     num_steps: jax.Array       # [] decode steps run
 
@@ -60,7 +60,7 @@ class ModelGraphs(NamedTuple):
     """The static NNX graphs the programs merge parameters into (`nnx.split(model)[0]`)."""
 
     policy: Any
-    critic: Any
+    critic: Any                # None for the critic-free estimators
     ref: Any
     reward_model: Any          # None without a reward model
 
@@ -68,7 +68,8 @@ class ModelGraphs(NamedTuple):
 def init_train_state(policy_params, critic_params, txs, seed: int, kl_coef: float) -> TrainState:
     return TrainState(
         policy=policy_params, critic=critic_params,
-        policy_opt=txs[0].init(policy_params), critic_opt=txs[1].init(critic_params),
+        policy_opt=txs[0].init(policy_params),
+        critic_opt=None if critic_params is None else txs[1].init(critic_params),
         kl=rw.KLControllerState(value=jnp.float32(kl_coef)),
         reward_moments=rw.init_running_moments(),
         rng=jax.random.PRNGKey(seed),   # raw uint32[2]: plain array, checkpoints as is

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxppo.core.losses import policy_loss, value_loss
+from jaxppo.core.losses import aggregate_denominator, aggregate_numerator, policy_loss, value_loss
+from jaxppo.core.rewards import kl_per_token
 from jaxppo.core.masked import masked_sum
 from jaxppo.engine.optimizer import global_norm
 from jaxppo.engine.scoring import response_logprobs, response_values
@@ -48,9 +49,10 @@ class PPOBatch:
     response: jax.Array       # [B, R]
     mask: jax.Array           # [B, R] float32, 1 up to and including the first EOS
     old_logprobs: jax.Array   # [B, R]
-    old_values: jax.Array     # [B, R]
+    old_values: jax.Array | None   # [B, R]; None without a critic
     advantages: jax.Array     # [B, R]
-    returns: jax.Array        # [B, R]
+    returns: jax.Array | None      # [B, R]; None without a critic
+    ref_logprobs: jax.Array | None = None   # [B, R] when the KL is a term of the loss (ppo.kl_in=loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +67,26 @@ class UpdateSettings:
     vf_coef: float = 0.1
     ent_coef: float = 0.0
     logits_chunk_bytes: int | None = None   # head over response slices of this many logits bytes (None: whole)
+    clip_eps_high: float | None = None      # upper clip range (DAPO clip-higher); None = clip_eps
+    dual_clip: float | None = None          # dual-clip constant for negative advantages; None = off
+    loss_agg: str = "token-mean"            # core.losses.aggregate mode of the policy loss
+    kl_coef: float = 0.0                    # weight of the KL term in the policy loss (ppo.kl_in=loss)
+    kl_estimator: str = "k3"                # its per-token estimator
 
     @classmethod
     def from_config(cls, config) -> UpdateSettings:
         p, chunk_mb = config.ppo, config.model.logits_chunk_mb
         return cls(epochs=p.epochs, num_minibatches=p.num_minibatches, grad_accum_steps=config.optim.grad_accum_steps,
                    clip_eps=p.clip_eps, clip_value=p.clip_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
-                   logits_chunk_bytes=None if chunk_mb is None else chunk_mb * 2**20)
+                   logits_chunk_bytes=None if chunk_mb is None else chunk_mb * 2**20,
+                   clip_eps_high=p.clip_eps_high, dual_clip=p.dual_clip, loss_agg=config.algo.loss_agg,
+                   kl_coef=p.kl_coef if p.kl_in == "loss" else 0.0, kl_estimator=config.kl_estimator)
+
+    @property
+    def plain_token_mean(self) -> bool:
+        """The classic PPO policy loss: token-mean, no KL term, symmetric single clip."""
+        return (self.loss_agg == "token-mean" and not self.kl_coef and self.clip_eps_high is None
+                and self.dual_clip is None)
 
     @property
     def steps_per_iteration(self) -> int:
@@ -88,6 +103,9 @@ class PolicySums(NamedTuple):
     ratio: jax.Array
     entropy: jax.Array
     tokens: jax.Array
+    kl: jax.Array | None = None          # Σ per-token KL (the loss's estimator) when the KL is in the loss
+    clip_low: jax.Array | None = None    # tokens clipped below (ratio < 1 - eps, advantage < 0), new modes
+    clip_high: jax.Array | None = None   # tokens clipped above (ratio > 1 + eps_high, advantage > 0)
 
 
 class ValueSums(NamedTuple):
@@ -99,30 +117,54 @@ class ValueSums(NamedTuple):
 
 
 class Objective(NamedTuple):
-    """One model's share of the PPO objective: `loss(model, mb, n_tokens) -> (loss, sums)`, the
-    micro-batch's token sums divided by the minibatch's token count; `guard(sums)` is the sum whose
-    non-finiteness (or the gradient norm's) skips an optimiser step."""
+    """One model's share of the objective: `loss(model, mb, norm) -> (loss, sums)`, the micro-batch's
+    share of the loss given `norm = denominator(minibatch mask)` (so that the micro-batches' losses
+    add up to the minibatch's loss exactly); `guard(sums)` is the sum whose non-finiteness (or the
+    gradient norm's) skips an optimiser step."""
 
     loss: Callable
     guard: Callable
+    denominator: Callable
+
+
+def token_count(mask) -> jax.Array:
+    """The token-mean denominator: valid tokens (at least 1)."""
+    return jnp.maximum(mask.sum(), 1.0)
 
 
 def policy_objective(s: UpdateSettings, temperature: float) -> Objective:
-    """`(Σ pg_tok - ent_coef Σ ent_tok) / N`: the clipped policy loss minus the entropy bonus, under
-    softmax(logits / temperature), the distribution the sampler drew from."""
+    """The clipped policy loss (clip-higher and dual-clip when set), minus the entropy bonus, plus
+    the KL to the reference when it is in the loss, per token, aggregated by `s.loss_agg`
+    (`core.losses.aggregate`), under softmax(logits / temperature), the distribution the sampler
+    drew from. The classic case is `(Σ pg_tok - ent_coef Σ ent_tok) / N`."""
 
-    def loss(model, mb: PPOBatch, n_tokens):
+    def loss(model, mb: PPOBatch, norm):
         logprobs, ent = response_logprobs(model, mb.tokens, mb.attention_mask, mb.response, temperature,
                                           entropy=True, chunk_bytes=s.logits_chunk_bytes)
-        _, pg = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, s.clip_eps)
+        if s.plain_token_mean:
+            _, pg = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, s.clip_eps)
+        else:
+            _, pg = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, s.clip_eps,
+                                clip_eps_high=s.clip_eps_high, dual_clip=s.dual_clip)
         if not s.ent_coef:
             ent = jax.lax.stop_gradient(ent)          # a metric only: no backward through the softmax
         ent_sum = masked_sum(ent, mb.mask)
         sums = PolicySums(pg_loss=pg["loss_sum"], pg_clipfrac=pg["clipfrac_sum"], approxkl=pg["approxkl_sum"],
                           ratio=pg["ratio_sum"], entropy=ent_sum, tokens=pg["count"])
-        return (pg["loss_sum"] - s.ent_coef * ent_sum) / n_tokens, sums
+        if s.plain_token_mean:
+            return (pg["loss_sum"] - s.ent_coef * ent_sum) / norm, sums
+        per_token = pg["per_token"] - s.ent_coef * ent
+        kl_sum = None
+        if s.kl_coef:
+            kl = kl_per_token(logprobs, mb.ref_logprobs, s.kl_estimator)
+            per_token = per_token + s.kl_coef * kl
+            kl_sum = masked_sum(kl, mb.mask)
+        sums = sums._replace(kl=kl_sum, clip_low=pg["clip_low_sum"], clip_high=pg["clip_high_sum"])
+        return aggregate_numerator(per_token, mb.mask, s.loss_agg) / norm, sums
 
-    return Objective(loss, guard=lambda sums: sums.pg_loss)
+    return Objective(loss, guard=lambda sums: sums.pg_loss,
+                     denominator=token_count if s.plain_token_mean else
+                     lambda mask: aggregate_denominator(mask, s.loss_agg))
 
 
 def value_objective(s: UpdateSettings) -> Objective:
@@ -134,7 +176,7 @@ def value_objective(s: UpdateSettings) -> Objective:
         sums = ValueSums(vf_loss=vf["loss_sum"], vf_clipfrac=vf["clipfrac_sum"], tokens=vf["count"])
         return s.vf_coef * vf["loss_sum"] / n_tokens, sums
 
-    return Objective(loss, guard=lambda sums: sums.vf_loss)
+    return Objective(loss, guard=lambda sums: sums.vf_loss, denominator=token_count)
 
 
 class StepStats(NamedTuple):
@@ -171,8 +213,8 @@ def model_update(objective: Objective, graphdef, params, opt_state, batch: PPOBa
         raise ValueError(f"batch {B} must divide into {M} minibatches x {A} micro-batches")
     micro = B // (M * A)
 
-    def micro_loss(params, mb, n_tokens):
-        return objective.loss(nnx.merge(graphdef, params), mb, n_tokens)
+    def micro_loss(params, mb, norm):
+        return objective.loss(nnx.merge(graphdef, params), mb, norm)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     extra = {} if plateau_value is None else {"value": plateau_value}
@@ -181,15 +223,15 @@ def model_update(objective: Objective, graphdef, params, opt_state, batch: PPOBa
     def minibatch_step(carry, idx):                      # idx [B/M]
         params, opt_state = carry
         mb = _take(batch, idx)
-        n_tokens = jnp.maximum(mb.mask.sum(), 1.0)
+        norm = objective.denominator(mb.mask)            # the minibatch's, shared by its micro-batches
         micro_batches = jax.tree.map(lambda x: x.reshape((A, micro) + x.shape[1:]), mb)  # [A, micro, ...]
 
         def accumulate(acc, mbi):
-            (_, sums), grads = grad_fn(params, mbi, n_tokens)
+            (_, sums), grads = grad_fn(params, mbi, norm)
             return jax.tree.map(jnp.add, acc, (grads, sums)), None
 
         first = jax.tree.map(lambda x: x[0], micro_batches)
-        sums_shape = jax.eval_shape(micro_loss, params, first, n_tokens)[1]
+        sums_shape = jax.eval_shape(micro_loss, params, first, norm)[1]
         zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape))
         if A == 1:
             (grads, sums), _ = accumulate(zeros, first)
@@ -217,34 +259,45 @@ def model_update(objective: Objective, graphdef, params, opt_state, batch: PPOBa
 
 class UpdateMetrics(NamedTuple):
     """The update's metrics (TRL's names in `as_dict`): token-weighted means over every minibatch of
-    every epoch, mean gradient norms, and the optimiser steps in which either model skipped."""
+    every epoch, mean gradient norms, and the optimiser steps in which either model skipped. The
+    value metrics are None without a critic; `kl` and the clip sides only with the newer loss modes."""
 
     policy_loss: jax.Array
-    value_loss: jax.Array
+    value_loss: jax.Array | None
     approxkl: jax.Array
     clipfrac: jax.Array
     entropy: jax.Array
-    value_clipfrac: jax.Array
+    value_clipfrac: jax.Array | None
     ratio: jax.Array
     policy_grad_norm: jax.Array
-    value_grad_norm: jax.Array
+    value_grad_norm: jax.Array | None
     nonfinite_steps: jax.Array
+    kl: jax.Array | None = None
+    clip_low: jax.Array | None = None
+    clip_high: jax.Array | None = None
 
     def as_dict(self) -> dict:
-        return {"loss/policy_avg": self.policy_loss, "loss/value_avg": self.value_loss,
-                "policy/approxkl_avg": self.approxkl, "policy/clipfrac_avg": self.clipfrac,
-                "policy/entropy_avg": self.entropy, "val/clipfrac_avg": self.value_clipfrac,
-                "val/ratio": self.ratio, "policy/grad_norm": self.policy_grad_norm,
-                "val/grad_norm": self.value_grad_norm, "nonfinite_steps": self.nonfinite_steps}
+        d = {"loss/policy_avg": self.policy_loss, "loss/value_avg": self.value_loss,
+             "policy/approxkl_avg": self.approxkl, "policy/clipfrac_avg": self.clipfrac,
+             "policy/entropy_avg": self.entropy, "val/clipfrac_avg": self.value_clipfrac,
+             "val/ratio": self.ratio, "policy/grad_norm": self.policy_grad_norm,
+             "val/grad_norm": self.value_grad_norm, "nonfinite_steps": self.nonfinite_steps,
+             "policy/kl_avg": self.kl, "clip_ratio/low_mean": self.clip_low, "clip_ratio/high_mean": self.clip_high}
+        if self.clip_low is not None:
+            d["clip_ratio/region_mean"] = self.clipfrac
+        return {k: v for k, v in d.items() if v is not None}
 
 
-def update_metrics(policy: StepStats, critic: StepStats) -> UpdateMetrics:
-    """Both models' `model_update` statistics -> UpdateMetrics."""
-    p, c = policy.sums, critic.sums
+def update_metrics(policy: StepStats, critic: StepStats | None) -> UpdateMetrics:
+    """Both models' `model_update` statistics (critic None when there is none) -> UpdateMetrics."""
+    p = policy.sums
     n = jnp.maximum(p.tokens.sum(), 1.0)
-    mean = lambda x: x.sum() / n
+    mean = lambda x: None if x is None else x.sum() / n
+    c = None if critic is None else critic.sums
+    skipped = policy.skipped if critic is None else jnp.maximum(policy.skipped, critic.skipped)
     return UpdateMetrics(
-        policy_loss=mean(p.pg_loss), value_loss=mean(c.vf_loss), approxkl=mean(p.approxkl),
-        clipfrac=mean(p.pg_clipfrac), entropy=mean(p.entropy), value_clipfrac=mean(c.vf_clipfrac),
-        ratio=mean(p.ratio), policy_grad_norm=policy.grad_norm.mean(), value_grad_norm=critic.grad_norm.mean(),
-        nonfinite_steps=jnp.maximum(policy.skipped, critic.skipped).sum())
+        policy_loss=mean(p.pg_loss), value_loss=None if c is None else mean(c.vf_loss), approxkl=mean(p.approxkl),
+        clipfrac=mean(p.pg_clipfrac), entropy=mean(p.entropy),
+        value_clipfrac=None if c is None else mean(c.vf_clipfrac), ratio=mean(p.ratio),
+        policy_grad_norm=policy.grad_norm.mean(), value_grad_norm=None if critic is None else critic.grad_norm.mean(),
+        nonfinite_steps=skipped.sum(), kl=mean(p.kl), clip_low=mean(p.clip_low), clip_high=mean(p.clip_high))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.data.dataset import PPODataset, prompt_key
 from jaxppo.data.prompts import pad_prompts
 from jaxppo.engine.mesh import replicated, shard_batch
 
@@ -41,15 +42,18 @@ class Evaluator:
         self.prompt_len = 0
         self.padded: tuple[tuple, np.ndarray, np.ndarray] | None = None   # (prompts, ids, mask) of the last call
 
-    def evaluate(self, prompts: list, policy, step: int, logger=None) -> dict:
-        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate (and
-        the metrics and samples to `logger`)."""
-        if not prompts:
+    def evaluate(self, dataset, policy, step: int, logger=None) -> dict:
+        """Sample on held-out prompts (a PPODataset, whose columns reach the reward functions, or a
+        list of prompts) under fixed keys; mean score, KL, length and EOS rate (and the metrics
+        and samples to `logger`)."""
+        dataset = as_dataset(dataset)
+        if not len(dataset):
             return {}
-        return self.finish(prompts, self.dispatch(prompts, policy), step, logger)
+        return self.finish(dataset, self.dispatch(dataset, policy), step, logger)
 
-    def dispatch(self, prompts, policy) -> list:
+    def dispatch(self, dataset, policy) -> list:
         """Dispatch every evaluation batch: [(prompt indices, real rows, EvalOutput)]."""
+        prompts = as_dataset(dataset).prompts
         ids, mask = self.arrays(prompts)
         bs = self.batch_size(len(prompts))
         pending = []
@@ -61,13 +65,15 @@ class Evaluator:
             pending.append((idx, min(bs, len(prompts) - start), out))
         return pending
 
-    def finish(self, prompts, pending, step: int, logger) -> dict:
+    def finish(self, dataset, pending, step: int, logger) -> dict:
         """Host side of an evaluation: reward functions, means, samples, logging."""
+        dataset = as_dataset(dataset)
+        prompts = dataset.prompts
         scores, kls, lengths, eos, samples = [], [], [], [], []
         for idx, n_real, out in pending:
             batch_prompts = [prompts[i] for i in idx]
             m, resp = np.asarray(out.mask), np.asarray(out.response)
-            s = self.score(batch_prompts, resp, m) + np.asarray(out.rm_scores)
+            s = self.score(batch_prompts, resp, m, dataset.columns_at(idx)) + np.asarray(out.rm_scores)
             has_eos = (np.isin(resp, self.eos_ids) & (m > 0)).any(-1) if self.eos_ids else np.zeros(len(m), bool)
             scores.append(s[:n_real]); kls.append(np.asarray(out.kl)[:n_real]); lengths.append(m.sum(-1)[:n_real])
             eos.append(has_eos[:n_real])
@@ -84,15 +90,15 @@ class Evaluator:
             logger.log_samples(samples, step=step)
         return metrics
 
-    def start(self, prompts, policy, step: int) -> EvalJob:
+    def start(self, dataset, policy, step: int) -> EvalJob:
         """Evaluate `policy` in a background thread: its device work overlaps the next training
         step. The thread reads a copy of the policy (the next update donates the state); reward
         functions and logging run later on the caller's thread, in `join`."""
         policy = copy_tree(policy)
-        return EvalJob(step, lambda: jax.device_get(self.dispatch(prompts, policy)))
+        return EvalJob(step, lambda: jax.device_get(self.dispatch(dataset, policy)))
 
-    def join(self, job: EvalJob, prompts, logger) -> dict:
-        metrics = self.finish(prompts, job.result(), job.step, logger)
+    def join(self, job: EvalJob, dataset, logger) -> dict:
+        metrics = self.finish(dataset, job.result(), job.step, logger)
         if logger is not None:
             logger.log(format_metrics("eval", job.step, metrics))
         return metrics
@@ -108,11 +114,16 @@ class Evaluator:
 
     def arrays(self, prompts):
         """Token ids and mask of `prompts`, padded to at least `prompt_len` (cached for the last list)."""
-        key = tuple(prompts)
+        key = tuple(prompt_key(p) for p in prompts)
         if self.padded is None or self.padded[0] != key:
             ids, mask = self.encode(prompts)
             self.padded = (key, *pad_prompts(ids, mask, max(self.prompt_len, ids.shape[1]), self.pad_id))
         return self.padded[1], self.padded[2]
+
+
+def as_dataset(rows) -> PPODataset:
+    """A PPODataset as is; a list of prompts (or rows) as one."""
+    return rows if isinstance(rows, PPODataset) else PPODataset(list(rows))
 
 
 def format_metrics(split, step, metrics):

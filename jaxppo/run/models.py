@@ -30,7 +30,7 @@ class InitialParams(NamedTuple):
     """The parameters `load_models` read (the trainer shards them into its state and drops these)."""
 
     policy: Any                    # nnx.State
-    critic: Any                    # nnx.State
+    critic: Any                    # nnx.State; None for the critic-free estimators
     frozen: Frozen                 # reference (and reward model) parameters
 
 
@@ -45,7 +45,7 @@ class Models:
     policy_path: str               # resolved folder (`tiny` made concrete)
     reward_model_path: str | None
     policy_config: Any             # models.transformer.TransformerConfig
-    critic_config: Any
+    critic_config: Any             # None without a critic
     reward_model_config: Any       # None without a reward model
 
 
@@ -83,7 +83,9 @@ def load_models(config) -> tuple[Models, InitialParams]:
     if rm_path:
         reward_model, rm_tok = hf.load_reward_model(rm_path, dtype=dtype)
         check_same_vocab(tokenizer, rm_tok, policy_path, rm_path)
-    if c.critic:
+    if config.algo.critic_free:
+        critic = None             # grpo, rloo, reinforce_pp...: no value model is loaded or trained
+    elif c.critic:
         critic, critic_tok = hf.load_reward_model(c.critic, dtype=dtype, remat=c.remat)
         check_same_vocab(tokenizer, critic_tok, policy_path, c.critic)
     elif c.critic_init == "reward_model":
@@ -94,7 +96,8 @@ def load_models(config) -> tuple[Models, InitialParams]:
         if model is not None and model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only "
                               f"{model.config.vocab_size} (vocab_size in config.json)")
-    (policy_graph, policy_params), (critic_graph, critic_params) = nnx.split(policy), nnx.split(critic)
+    policy_graph, policy_params = nnx.split(policy)
+    critic_graph, critic_params = nnx.split(critic) if critic is not None else (None, None)
     ref_graph, ref_params = nnx.split(ref)
     rm_graph, rm_params = nnx.split(reward_model) if reward_model is not None else (None, None)
     eos = tokenizer.eos_token_id
@@ -104,7 +107,7 @@ def load_models(config) -> tuple[Models, InitialParams]:
         eos_ids=tuple(sorted({eos} if isinstance(eos, int) else set(eos or ()))),
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
         policy_path=policy_path, reward_model_path=rm_path, policy_config=policy.config,
-        critic_config=critic.config, reward_model_config=None if reward_model is None else reward_model.config)
+        critic_config=None if critic is None else critic.config, reward_model_config=None if reward_model is None else reward_model.config)
     return models, InitialParams(policy=policy_params, critic=critic_params,
                                  frozen=Frozen(ref=ref_params, reward_model=rm_params))
 

@@ -25,7 +25,7 @@ from jaxppo.run.logger import TrainingLogger
 def fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg) -> dict:
     """What a checkpoint must agree on with the config that resumes it."""
     return {"policy": cfg.model.policy, "policy_arch": dataclasses.asdict(policy_cfg),
-            "critic_arch": dataclasses.asdict(critic_cfg), "reward_model": cfg.model.reward_model,
+            "critic_arch": None if critic_cfg is None else dataclasses.asdict(critic_cfg), "reward_model": cfg.model.reward_model,
             "critic_init": cfg.model.critic_init, "critic": cfg.model.critic}
 
 

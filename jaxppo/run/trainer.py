@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 
 from jaxppo import runtime
@@ -38,8 +37,9 @@ from jaxppo.engine.shaping import StepSettings
 from jaxppo.engine.state import init_train_state
 from jaxppo.errors import ConfigError, DataError, JaxppoError
 from jaxppo.models import hf
+from jaxppo.run.collect import RunProgress, collect_batch
 from jaxppo.run.early_stopping import EarlyStopping
-from jaxppo.run.evaluation import EvalJob, Evaluator, format_metrics
+from jaxppo.run.evaluation import Evaluator, format_metrics
 from jaxppo.run.models import load_models
 from jaxppo.run.rundir import RunDir, StopSignals, abstract, fingerprint, param_count
 
@@ -70,10 +70,11 @@ class PPOTrainer:
         settings = StepSettings.from_config(c, m.eos_ids, m.pad_id)
         steps, total = settings.update.steps_per_iteration, c.train.total_steps * settings.update.steps_per_iteration
         ptx, psched = make_optimizer(c.optim, total, updates_per_iteration=steps)
-        ctx, csched = make_optimizer(c.optim, total, lr=c.optim.critic_lr or c.optim.lr, updates_per_iteration=steps)
+        ctx, csched = (None, None) if c.algo.critic_free else \
+            make_optimizer(c.optim, total, lr=c.optim.critic_lr or c.optim.lr, updates_per_iteration=steps)
         # the policy's mesh and the critic's (the same one unless train.placement separates them):
         # batch over (data, fsdp), params/opt state FSDP-sharded
-        self.placement = p = Placement.from_config(c.train)
+        self.placement = p = Placement.from_config(c)
         state = init_train_state(init.policy, init.critic, (ptx, ctx), c.train.seed, c.ppo.kl_coef)
         on_critic = ("critic", "critic_opt")
         self.state = state.replace(**{f.name: shard_tree(getattr(state, f.name), p.critic_mesh
@@ -84,7 +85,8 @@ class PPOTrainer:
         self.programs = make_programs(
             settings, m.graphs, Optimizers(ptx, psched, ctx, csched), p,
             policy_shardings=p.pinned_shardings(self.state.policy, self.state.policy_opt, critic=False),
-            critic_shardings=p.pinned_shardings(self.state.critic, self.state.critic_opt, critic=True))
+            critic_shardings=None if self.state.critic is None else
+            p.pinned_shardings(self.state.critic, self.state.critic_opt, critic=True))
         self.warnings_seen: set[str] = set()
         self.evaluator = Evaluator(
             evaluate=self.programs.evaluate, frozen=self.frozen, mesh=p.policy_mesh,
@@ -111,7 +113,7 @@ class PPOTrainer:
         4 x train.batch_size), so an evaluation is a single dispatch. During `train` it runs in a
         background thread while the next step trains (`train.async_eval`)."""
         step = int(self.state.step) if step is None else step
-        return self.evaluator.evaluate(list(eval_dataset), self.state.policy, step,
+        return self.evaluator.evaluate(eval_dataset, self.state.policy, step,
                                        self.run_dir.logger if log else None)
 
     def check_early_stopping(self, value: float) -> bool:
@@ -176,15 +178,15 @@ class PPOTrainer:
     def prepare_data(self, train_dataset, eval_dataset) -> RunProgress:
         """Datasets, token ids padded to one prompt length, and the context-length check."""
         c = self.config
-        train_ds, eval_ds = run_datasets(c, train_dataset, eval_dataset)
+        train_ds, eval_ds = run_datasets(c, train_dataset, eval_dataset, columns=c.data.columns)
         if len(train_ds) == 0:
             raise DataError("the training dataset is empty")
-        train_prompts, eval_prompts = list(train_ds), list(eval_ds)
-        self.rewards.sources = dict(zip(train_prompts, train_ds.sources or ()))  # reward errors name file:line
+        train_prompts, eval_prompts = list(train_ds), eval_ds          # eval: the dataset, with its columns
+        self.rewards.sources = train_ds.source_map()                   # reward errors name file:line
         train_ids, train_mask = self.tokenize(train_prompts, source=train_ds.sources or c.data.prompts)
         prompt_len = train_ids.shape[1]
         if eval_prompts:
-            eval_ids, _ = self.tokenize(eval_prompts, source=eval_ds.sources or c.data.eval_prompts)
+            eval_ids, _ = self.tokenize(eval_ds.prompts, source=eval_ds.sources or c.data.eval_prompts)
             prompt_len = max(prompt_len, eval_ids.shape[1])
         self.evaluator.prompt_len = prompt_len    # eval prompts pad to the train prompts' length
         train_ids, train_mask = pad_prompts(train_ids, train_mask, prompt_len, self.models.pad_id)
@@ -196,7 +198,7 @@ class PPOTrainer:
                               f"{self.models.policy_path} (max_position_embeddings={max_ctx})",
                               keys=("rollout.max_new_tokens", "data.max_prompt_length"))
         iterator = PromptIterator(len(train_prompts), c.train.batch_size, c.train.seed, shuffle=c.data.shuffle)
-        return RunProgress(train_prompts, eval_prompts, train_ids, train_mask, iterator, prompt_len)
+        return RunProgress(train_ds, train_prompts, eval_prompts, train_ids, train_mask, iterator, prompt_len)
 
     def open_run(self, run: RunProgress) -> int:
         """Open the run directory (restoring a resumed checkpoint) -> the first step."""
@@ -209,8 +211,9 @@ class PPOTrainer:
         self.run_dir.open(self.resume_from, abstract(self.state), resume)
         start = int(self.state.step) if self.resume_from is not None else 0
         m = self.models
+        critic = "no critic" if self.state.critic is None else f"critic {param_count(self.state.critic) / 1e6:.2f}M"
         self.run_dir.log(f"policy {m.policy_path} ({param_count(self.state.policy) / 1e6:.2f}M params), "
-                         f"critic {param_count(self.state.critic) / 1e6:.2f}M; {len(run.train_prompts)} train / "
+                         f"{critic}; {len(run.train_prompts)} train / "
                          f"{len(run.eval_prompts)} eval prompts, prompt length {run.prompt_len}; "
                          f"run dir {self.run_dir.path}")
         return start
@@ -224,18 +227,19 @@ class PPOTrainer:
         """One PPO iteration (rollout, reward functions, update) -> its metrics as floats."""
         c, mesh = self.config, self.placement.policy_mesh
         t0 = time.perf_counter()
-        idx = next(run.iterator)
-        exp = iteration.rollout(self.programs, self.state, self.frozen, shard_batch(run.train_ids[idx], mesh),
-                                shard_batch(run.train_mask[idx], mesh))
-        fn_scores = self.rewards([run.train_prompts[i] for i in idx], exp.response, exp.mask)
+        exp, fn_scores, sampling = collect_batch(
+            self.programs, self.state, self.frozen, mesh, self.rewards, lambda: run.next_batch(),
+            c.rollout.num_generations, c.algo.filter_groups, c.algo.max_sample_rounds)
         jax.block_until_ready(exp.tokens)
         t1 = time.perf_counter()
         self.state, metrics = iteration.update(self.programs, self.state, exp, shard_batch(fn_scores, mesh))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).as_dict().items()}   # the one sync
         t2 = time.perf_counter()
-        gen_tokens = c.train.batch_size * c.rollout.max_new_tokens
-        metrics.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/iteration": t2 - t0,
-                        "tokens_per_sec": gen_tokens / (t2 - t0), "episodes": float((step + 1) * c.train.batch_size)})
+        rows = c.rollout_batch_size
+        metrics.update({**sampling, "time/rollout": t1 - t0, "time/update": t2 - t1, "time/iteration": t2 - t0,
+                        "tokens_per_sec": rows * c.rollout.max_new_tokens / (t2 - t0),
+                        "episodes": float((step + 1) * rows),
+                        **{f"time/reward/{k}": v for k, v in self.rewards.last_timings.items()}})
         return metrics
 
     def record(self, run: RunProgress, done: int, metrics: dict, bar) -> None:
@@ -331,20 +335,3 @@ def progress_bar(cfg, start):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=cfg.train.total_steps, initial=start, desc="ppo", unit="it", dynamic_ncols=True)
-
-
-@dataclasses.dataclass
-class RunProgress:
-    """What one `train` call carries from step to step."""
-    train_prompts: list[str]
-    eval_prompts: list[str]
-    train_ids: np.ndarray          # [N, P] left-padded to the run's prompt length
-    train_mask: np.ndarray
-    iterator: PromptIterator       # batches of prompt indices; its position is checkpointed
-    prompt_len: int
-    first_scores: float | None = None
-    last_metrics: dict = dataclasses.field(default_factory=dict)
-    eval_metrics: dict = dataclasses.field(default_factory=dict)
-    stop_reason: str | None = None
-    eval_job: EvalJob | None = None
-    t_start: float = 0.0

@@ -7,8 +7,8 @@ import pytest
 
 from jaxppo.core.rewards import (KLControllerState, RunningMoments, adaptive_kl_update, clip_rewards,
                             fixed_kl_update, init_kl_controller, init_running_moments,
-                            kl_per_token, missing_eos_penalty, normalize_scores, shape_rewards,
-                            update_and_normalize, update_running_moments)
+                            kl_per_token, missing_eos_penalty, normalize_scores, overlong_penalty,
+                            shape_rewards, update_and_normalize, update_running_moments)
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -233,3 +233,38 @@ def test_running_moments_no_retrace_and_errors():
         update_running_moments(state, np.zeros((2, 2)))
     with pytest.raises(ValueError, match="scores"):
         normalize_scores(state, np.zeros((2, 2)))
+
+
+# --------------------------------------------------------------------------- k3 in the loss, overlong
+
+def test_k3_is_trl_and_verl_loss_kl():
+    """TRL GRPO's per_token_kl / verl's "low_var_kl" (without verl's clamp to [-10, 10]):
+    exp(ref - logp) - (ref - logp) - 1."""
+    logp, ref = _logps(4, shape=(5, 9))
+    diff = ref.astype(np.float64) - logp
+    expected = np.exp(diff) - diff - 1
+    np.testing.assert_allclose(jax.jit(kl_per_token, static_argnames="estimator")(logp, ref, estimator="k3"),
+                               expected, **TOL)
+    np.testing.assert_allclose(kl_per_token(logp, ref, "k3"), expected, **TOL)
+    # no cancellation for tiny differences: (d^2 / 2) to first order
+    tiny = kl_per_token(np.float32([1e-4]), np.float32([0.0]), "k3")
+    np.testing.assert_allclose(tiny, 0.5e-8, rtol=1e-3)
+
+
+def dapo_overlong(lengths, max_length, buffer, penalty):
+    """DAPO / verl's reward manager: min(-(L - (L_max - buffer)) / buffer * penalty, 0), and
+    -penalty beyond L_max (verl never sees a longer response)."""
+    exceed = np.asarray(lengths, np.float64) - (max_length - buffer)
+    return np.maximum(np.minimum(-exceed / buffer * penalty, 0.0), -penalty)
+
+
+def test_overlong_penalty_matches_dapo():
+    lengths = np.array([0, 10, 12, 13, 15, 17, 20, 21, 40], np.int32)
+    expected = dapo_overlong(lengths, 20, 8, 1.5)
+    np.testing.assert_allclose(jax.jit(overlong_penalty)(lengths, 20, 8, 1.5), expected, **TOL)
+    np.testing.assert_allclose(overlong_penalty(lengths, 20, 8, 1.5), expected, **TOL)
+    np.testing.assert_allclose(expected[[0, 1, 2, 3, 6, 7, 8]], [0, 0, 0, -0.1875, -1.5, -1.5, -1.5])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, 20, 0, 1.0)
+    with pytest.raises(ValueError, match="lengths"):
+        overlong_penalty(lengths[None], 20, 4, 1.0)

@@ -58,7 +58,7 @@ def test_load_jsonl_and_plain_text(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "ok"}\n{"prompt": "a"\n', "prompts.jsonl:2: invalid JSON (Expecting ',' delimiter"),
     ('{"prompt": "ok"}\n\n{"text": "a", "id": 3}\n', "prompts.jsonl:3: missing field 'prompt' (keys present: 'text', 'id')"),
-    ('{"prompt": 5}\n', "prompts.jsonl:1: field 'prompt' must be a string, got int"),
+    ('{"prompt": 5}\n', "prompts.jsonl:1: field 'prompt' must be a string or a list of chat messages, got int"),
     ('["a"]\n', "prompts.jsonl:1: expected a JSON object with a 'prompt' field, got list"),
     ('{"prompt": "  "}\n', "prompts.jsonl:1: field 'prompt' is empty"),
     ("\n \n", "prompts.jsonl: no prompts found"),

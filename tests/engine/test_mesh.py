@@ -146,3 +146,24 @@ def test_separate_placement_equals_colocated(tmp_path):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=f"step {a['step']} {k}")
     for a, b in zip(col["evals"], sep["evals"]):
         np.testing.assert_allclose(b["objective/scores"], a["objective/scores"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_grpo_on_one_and_eight_devices_gives_the_same_metrics(tmp_path):
+    """A critic-free run (GRPO, 2 samples per prompt, the KL in the loss): no critic anywhere, the
+    policy FSDP-sharded over all 8 devices, and the same metrics as on one device."""
+    grpo = ["algo.advantage=grpo", "rollout.num_generations=2", "ppo.kl_in=loss", "ppo.kl_coef=0.04"]
+    one = run_on(1, tmp_path, *grpo)
+    eight = run_on(8, tmp_path, *grpo)
+    assert one["critic_devices"] == eight["critic_devices"] == []            # no critic, no value memory
+    assert eight["policy_devices"] == list(range(8))                          # colocated: every device
+    assert "fsdp" in eight["specs"]["layers.0.attn.qkv.kernel.value"]
+    assert one["restored_same"] and eight["restored_same"]
+    keys = ["objective/scores", "reward", "reward_std", "frac_reward_zero_std", "kl", "loss/policy_avg",
+            "policy/kl_avg", "policy/approxkl_avg", "entropy", "completions/mean_length"]
+    for a, b in zip(one["history"], eight["history"]):
+        assert "loss/value_avg" not in a and "val/mean_values" not in a
+        for k in keys:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=f"step {a['step']} {k}")
+    for a, b in zip(one["evals"], eight["evals"]):
+        np.testing.assert_allclose(b["objective/scores"], a["objective/scores"], rtol=1e-3, atol=1e-5)

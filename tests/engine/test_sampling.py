@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from jaxppo.models.hf import load_model
-from jaxppo.engine.sampling import SamplingParams, generate_program, filter_logits, generate
+from flax import nnx
+
+from jaxppo.engine.sampling import SamplingParams, filter_logits, generate, generate_program, sample
 
 from helpers import left_padded_batch, small_model
 
@@ -143,3 +145,46 @@ def test_the_cache_has_no_slot_for_the_last_token(monkeypatch):
         np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(teacher_forced_logprobs(model, out, mask, 0.8)),
                                    atol=2e-5)
     assert sizes == [6, 9]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_group_sampling_prefills_each_prompt_once_and_shares_its_cache(monkeypatch, arch):
+    """num_generations = G: B prompts -> B*G rows, prompt-major (rows b*G..b*G+G-1 continue prompt
+    b), the prompt's K/V computed once (the prefill runs on B rows, not B*G) and every row's
+    log-probs equal a teacher-forced forward of its own sequence; G samples differ."""
+    from jaxppo.models.transformer import Transformer
+
+    model = small_model(arch=arch)
+    ids, mask = left_padded_batch()                      # B = 3, P = 6, left padding
+    G, R = 4, 5
+    params = SamplingParams(max_new_tokens=R, temperature=1.0, pad_token_id=1, stop_at_eos=False,
+                            num_generations=G)
+    calls = []
+    real = Transformer.decode
+
+    def spy(self, input_ids, *a, **k):
+        calls.append(input_ids.shape)
+        return real(self, input_ids, *a, **k)
+
+    monkeypatch.setattr(Transformer, "decode", spy)
+    graph, state = nnx.split(model)
+    out = jax.jit(lambda st, i, m, k: sample(nnx.merge(graph, st), i, m, k, params))(state, ids, mask,
+                                                                                      jax.random.PRNGKey(3))
+    assert calls[0] == (3, 6)                                          # the prefill: B prompts, once
+    assert all(shape == (3 * G, 1) for shape in calls[1:])             # decode steps: B*G rows
+    assert out.tokens.shape == (3 * G, 6 + R) and out.response.shape == (3 * G, R)
+    np.testing.assert_array_equal(np.asarray(out.tokens[:, :6]), np.repeat(ids, G, axis=0))
+    rep_mask = np.repeat(mask, G, axis=0)
+    ref = teacher_forced_logprobs(model, out, rep_mask, 1.0)
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref), atol=2e-5)
+    assert len({tuple(r) for r in np.asarray(out.response)[:G]}) > 1   # a prompt's G samples differ
+
+
+def test_one_generation_is_the_plain_sampler():
+    model = small_model()
+    ids, mask = left_padded_batch()
+    base = SamplingParams(max_new_tokens=6, temperature=0.9, pad_token_id=1, stop_at_eos=False)
+    a = generate(model, ids, mask, jax.random.PRNGKey(1), base)
+    b = generate(model, ids, mask, jax.random.PRNGKey(1), SamplingParams(**{**base.__dict__, "num_generations": 1}))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))

@@ -328,3 +328,59 @@ def test_response_shapes_are_checked():
         response_logprobs(policy, batch.tokens, batch.attention_mask[:, 1:], batch.response, 1.0)
     with pytest.raises(ValueError, match="R = 11"):
         response_values(policy, batch.tokens, batch.attention_mask, 11)
+
+
+def policy_only(s: UpdateSettings, batch, accum: int = 1, lr: float = 1e-3):
+    """The policy's update alone (`model_update` on `policy_objective`), as a critic-free run does."""
+    graphs, params, txs = models_and_sgd(lr)
+    s = dataclasses.replace(s, grad_accum_steps=accum)
+    fn = jax.jit(lambda p, o, b: model_update(policy_objective(s, T), graphs[0], p, o, b, jax.random.PRNGKey(0),
+                                              txs[0], s))
+    params, _, stats = fn(params[0], txs[0].init(params[0]), batch)
+    return params, update_metrics(stats, None).as_dict()
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
+def test_every_loss_aggregation_accumulates_exactly(mode):
+    """Each micro-batch's share is divided by the whole minibatch's denominator (`aggregate_*`), so
+    the accumulated gradient equals the big batch's, whatever the mode, the KL in the loss, the
+    clip-higher and the dual-clip."""
+    ref = jnp.asarray(np.random.default_rng(9).normal(-4.6, 0.3, (B, R)).astype(np.float32))
+    batch = make_batch().replace(old_values=None, returns=None, ref_logprobs=ref * make_batch().mask)
+    s = UpdateSettings(epochs=1, num_minibatches=1, loss_agg=mode, kl_coef=0.1, kl_estimator="k3",
+                       clip_eps_high=0.28, dual_clip=3.0, ent_coef=0.01)
+    p1, m1 = policy_only(s, batch)
+    for accum in (2, 4):
+        pa, ma = policy_only(s, batch, accum)
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(pa)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-7)
+        for k in ("loss/policy_avg", "policy/kl_avg", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+            np.testing.assert_allclose(m1[k], ma[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    assert "loss/value_avg" not in m1 and m1["policy/kl_avg"] > 0
+
+
+def test_the_kl_term_in_the_loss_pulls_towards_the_reference():
+    """With ppo.kl_in=loss the policy loss carries kl_coef x KL(k3) per token: with zero advantages
+    only that term moves the weights, and one step lowers the KL to the reference."""
+    from jaxppo.core.rewards import kl_per_token
+    from jaxppo.engine.scoring import response_logprobs
+
+    batch = make_batch()
+    graphs, params, _ = models_and_sgd()
+    policy = nnx.merge(graphs[0], params[0])
+    ref = jnp.asarray(np.random.default_rng(4).normal(-4.6, 0.3, (B, R)).astype(np.float32)) * batch.mask
+    batch = batch.replace(advantages=jnp.zeros_like(batch.advantages), ref_logprobs=ref,
+                          old_logprobs=response_logprobs(policy, batch.tokens, batch.attention_mask, batch.response,
+                                                         T)[0] * batch.mask)
+
+    def kl_after(params):
+        lp, _ = response_logprobs(nnx.merge(graphs[0], params), batch.tokens, batch.attention_mask, batch.response, T)
+        return float((kl_per_token(lp, ref, "k3") * batch.mask).sum())
+
+    s = UpdateSettings(epochs=1, num_minibatches=1, kl_coef=1.0, kl_estimator="k3")
+    moved, _ = policy_only(s, batch, lr=1e-1)
+    still, _ = policy_only(dataclasses.replace(s, kl_coef=0.0, loss_agg="seq-mean-token-mean"), batch, lr=1e-1)
+    assert kl_after(moved) < kl_after(params[0])
+    for a, b in zip(jax.tree.leaves(still), jax.tree.leaves(params[0])):      # no advantage, no KL: no step
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
