@@ -57,7 +57,7 @@ def measure(root: Path, chunk_mb: int) -> dict:
     programs = trainer.programs
     ids = np.random.default_rng(0).integers(10, 500, (B, P)).astype(np.int32)
     mask = np.ones_like(ids)
-    key = programs.sampling_key(trainer.state.rng, trainer.state.step)
+    key = iteration.iteration_key(programs, trainer.state)
     zeros = jnp.zeros((B,), jnp.float32)
     exp = iteration.rollout(programs, trainer.state, trainer.frozen, ids, mask, key)
     scratch = lambda compiled: round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)

@@ -139,7 +139,7 @@ def profile_iterations(trace_dir, programs, trainer, frozen, ids, mask, zeros, i
             trainer.state, metrics = iteration.update(programs, trainer.state, exp, zeros)
             jax.device_get(metrics)
     lowered = iteration.lower(programs, trainer.state, frozen, ids, mask,
-                             programs.sampling_key(trainer.state.rng, trainer.state.step), exp, zeros)
+                             iteration.iteration_key(programs, trainer.state), exp, zeros)
     for name, low in lowered.items():
         with open(os.path.join(trace_dir, f"{name}.hlo.txt"), "w") as f:
             f.write(low.compile().as_text())

@@ -1,10 +1,14 @@
-"""Command line: `python -m jaxppo.train [--config FILE.yaml] [--output-dir DIR] [--resume] [key=value ...]`.
+"""Command line: `python -m jaxppo.train [--config FILE.yaml] [--output-dir DIR] [--resume | --overwrite] [key=value ...]`.
 
 With no arguments it runs the built-in demo: a tiny GPT-2 policy learns the `vowels` task on the
 CPU in a few minutes. Point it at real checkpoints with a config file or overrides, e.g.
 
     python -m jaxppo.train model.policy=/ckpt/qwen2-0.5b model.reward_model=/ckpt/rm \\
         data.prompts=prompts.jsonl reward.task=null train.total_steps=500
+
+One run per folder: a fresh run into a folder that holds one is refused (`--overwrite` moves the
+old run to `<folder>.old-<time>`), and a lock refuses a second process. `--resume` continues the
+run with its own config.yaml; overrides may change only what `jaxppo.config.resume` allows.
 """
 
 from __future__ import annotations
@@ -29,18 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file (fields below; missing ones keep their defaults)")
     p.add_argument("--output-dir", help="run directory (same as train.output_dir=DIR)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-    p.add_argument("--resume-from", metavar="PATH", help="continue from a given checkpoint folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the output dir from its latest checkpoint, with its own config.yaml "
+                        "(overrides may change total_steps, eval/save/log frequency, early stopping, logging)")
+    p.add_argument("--resume-from", metavar="PATH",
+                   help="continue from a given checkpoint folder (of this run, or of another: a new run dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run into a folder that holds a run moves the old one to <dir>.old-<time>")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     return p
 
 
-def preflight(config, resume: str | None) -> None:
+def preflight(config, resume: str | None, overwrite: bool = False) -> None:
     """The checks that need no model, run before any model is loaded (which may take minutes):
-    prompt files (every line parsed), reward sources, the resume checkpoint, the run directory.
-    The trainer makes them again; here they just fail sooner. Raises JaxppoError."""
+    prompt files (every line parsed), reward sources, the resume checkpoint, the run directory
+    (its lock; a fresh run into a folder that holds one). The trainer makes them again; here they
+    just fail sooner. Raises JaxppoError."""
     from jaxppo.data import tasks
     from jaxppo.run.checkpoint import find_checkpoint_dir
+    from jaxppo.run.runfolder import RunLock, check_fresh, same_folder, source_folder
     from jaxppo.data.prompts import load_prompt_records
     from jaxppo.errors import ConfigError
 
@@ -62,6 +73,9 @@ def preflight(config, resume: str | None) -> None:
     out = config.train.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"train.output_dir={out!r} is a file, not a directory")
+    RunLock(out).check()
+    if resume is None or not same_folder(source_folder(resume, out), out):
+        check_fresh(out, overwrite)
     if config.logging.wandb:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -79,17 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.output_dir:
             overrides.append(f"train.output_dir={args.output_dir}")
-        config = load_config(args.config, overrides)
+        resume = args.resume_from or ("latest" if args.resume else None)
+        if resume is not None:      # the run's own config.yaml (or --config), the overrides on top
+            from jaxppo.run.runfolder import resume_config
+            config = resume_config(args.config, overrides, resume)
+        else:
+            config = load_config(args.config, overrides)
         # the process-wide settings (two CPU host devices, XLA options, compilation cache) before
         # anything can start JAX (the preflight imports the user's reward modules); the trainer
         # asks again, which is then a no-op
         runtime.configure(deterministic=config.train.deterministic)
-        resume = args.resume_from or ("latest" if args.resume else None)
-        preflight(config, resume)
+        preflight(config, resume, args.overwrite)
 
         from jaxppo.run.trainer import PPOTrainer
 
-        trainer = PPOTrainer(config, resume_from_checkpoint=resume)
+        trainer = PPOTrainer(config, resume_from_checkpoint=resume, overwrite=args.overwrite)
         summary = trainer.train()
     except JaxppoError as e:
         print(f"error: {e}", file=sys.stderr)

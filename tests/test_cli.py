@@ -27,7 +27,6 @@ from jaxppo.data.tasks import demo_prompts, score_responses
 from jaxppo.train import main
 from jaxppo.errors import RewardError
 from jaxppo.run.models import tiny_model_dir
-from jaxppo.run.trainer import PPOTrainer
 
 # the shapes of tests/test_trainer.py, so that the compiled programs are shared
 FAST = ["model.tiny_arch=gpt2", "train.batch_size=4", "rollout.max_new_tokens=8", "ppo.epochs=2",
@@ -313,7 +312,7 @@ def test_reward_errors_with_penalty_score_only_the_rows_at_fault(rewards_module)
     scores = score_responses(fns, prompts, texts, on_error="penalty", error_penalty=-3.0, log=logged.append,
                              sources=sources)
     assert scores.dtype == np.float32
-    np.testing.assert_allclose(scores, [0.5 + 1.0, 0.5 + 1.0, -3.0 + 2 * -3.0, 0.5 + 1.0])
+    np.testing.assert_allclose(scores, [0.5 + 1.0, 0.5 + 1.0, -3.0, 0.5 + 1.0])   # the penalty is the row's score
     assert "failed on 1 of 4 responses" in logged[0] and "'p2' (prompts.jsonl:9)" in logged[0]
     assert "non-finite" in logged[1] and "'p2' (prompts.jsonl:9)" in logged[1]
     with pytest.raises(RewardError, match=r"failed on prompt 'p2' \(prompts.jsonl:9\) \(response 'xxx'\)"):

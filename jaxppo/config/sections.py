@@ -16,16 +16,21 @@ from jaxppo.errors import ConfigError
 class ModelConfig(Section):
     _prefix: ClassVar[str] = "model"
     policy: str = option("tiny",
-        "policy: HF folder (config.json + safetensors + tokenizer), or 'tiny' to generate a tiny random model")
+        "policy: HF folder (config.json + safetensors + tokenizer), a Hub id 'org/name[@revision]' (the "
+        "Hugging Face cache, else a download unless HF_HUB_OFFLINE=1), or 'tiny' to generate a tiny random model")
     tiny_arch: str = option("gpt2",
         "architecture of the generated tiny model when policy is 'tiny'", choices=("gpt2", "llama", "qwen2"))
     reward_model: str | None = option(None,
-        "HF folder of a sequence-classification reward model ('tiny' = a random tiny one); null = reward functions/task only")
+        "HF folder or Hub id of a sequence-classification reward model ('tiny' = a random tiny one); "
+        "null = reward functions/task only")
     critic_init: str = option("policy",
         "where the critic (value model) starts from", choices=("reward_model", "policy"))
     critic: str | None = option(None,
-        "HF sequence-classification folder to start the critic from (overrides critic_init), e.g. a separate value model")
-    dtype: str = option("float32", "parameter and compute dtype of the trained models", choices=("float32", "bfloat16"))
+        "HF sequence-classification folder or Hub id to start the critic from (overrides critic_init), "
+        "e.g. a separate value model")
+    dtype: str = option("float32",
+        "compute dtype of every model; the trained models' weights, Adam moments and gradients stay float32 "
+        "(master weights), the frozen reward model is stored in it", choices=("float32", "bfloat16"))
     ref_dtype: str | None = option(None,
         "dtype of the frozen reference policy; null = same as dtype", choices=("float32", "bfloat16"))
     remat: bool = option(False, "rematerialize (gradient-checkpoint) each transformer block to save memory")
@@ -88,7 +93,9 @@ class RewardConfig(Section):
     normalize: bool = option(True, "normalize scores with a running mean and std over all batches so far (kl_coef then works in reward std units)")
     on_error: str = option("raise",
         "a reward function that raises: stop the run, or give error_penalty", choices=("raise", "penalty"))
-    error_penalty: float = option(-1.0, "score given to a sample whose reward function raised (on_error=penalty)")
+    error_penalty: float = option(-1.0,
+        "with on_error=penalty, the reward functions' score of a response one of them failed on (raised or "
+        "returned a non-finite value): the whole score of the row, not times the function's weight")
     overlong: OverlongConfig | None = option(None,
         "DAPO's soft overlong punishment {max_length, buffer, penalty}; null = off")
 
@@ -114,13 +121,24 @@ class RolloutConfig(Section):
     top_k: int = option(0, "sample from the k most likely tokens; 0 = off", ge=0)
     top_p: float = option(1.0, "nucleus sampling mass; 1.0 = off", gt=0.0, le=1.0)
     stop_at_eos: bool = option(True, "end a response at its first EOS token (later tokens are masked)")
+    stop_token_ids: list[int] = option([],
+        "token ids that count as EOS besides the tokenizer's EOS and generation_config.json's eos_token_id")
     missing_eos_penalty: float | None = option(None,
-        "subtracted from the score of responses without EOS; null = off", ge=0.0)
+        "subtracted from the score of responses without an EOS among their tokens (whatever stop_at_eos "
+        "says); null = off", ge=0.0)
     forward_batch_size: int | None = option(None,
         "micro-batch of the no-grad scoring forwards; null = whole batch", ge=1)
     num_generations: int = option(1,
         "samples per prompt (G): an iteration trains on train.batch_size x G responses, a prompt's G samples "
         "consecutive, its prompt prefilled once and the KV cache shared", ge=1)
+
+    __hash__ = Section.field_hash   # a list field
+
+    def _validate(self) -> None:
+        bad = [t for t in self.stop_token_ids if t < 0]
+        if bad:
+            raise ConfigError(f"rollout.stop_token_ids has {bad[0]}: expected token ids >= 0",
+                              keys=("rollout.stop_token_ids",))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +152,10 @@ class TrainConfig(Section):
         "on an H200; sets XLA_FLAGS=--xla_gpu_deterministic_ops=true before JAX starts); the CPU is deterministic without it")
     output_dir: str = option("runs/demo", "run directory: config, logs, metrics, checkpoints, plots, final model")
     eval_every: int = option(0, "evaluate every N iterations; 0 = only at the end", ge=0)
-    save_every: int = option(0, "checkpoint every N iterations; 0 = only at the end", ge=0)
+    save_every: int = option(0, "checkpoint every N iterations; 0 = by time only (save_every_minutes)", ge=0)
+    save_every_minutes: float = option(10.0,
+        "also checkpoint when this many minutes have passed since the last checkpoint; 0 = off. A run "
+        "also saves on SIGTERM/SIGINT, before exiting on a caught error, and at the end", ge=0.0)
     keep_checkpoints: int = option(3, "most recent checkpoints kept", ge=1)
     async_eval: bool = option(True,
         "evaluate in the background while the next step trains (holds a copy of the policy weights "
@@ -248,7 +269,13 @@ class PPOConfig(Section):
         if self.model.critic_init == "reward_model" and self.model.reward_model is None:
             raise ConfigError("model.critic_init=reward_model needs model.reward_model (got null)",
                               keys=("model.critic_init", "model.reward_model"))
+        es = self.early_stopping.metric
+        if es is not None and es.startswith("eval/") and not self.train.eval_every:
+            raise ConfigError(f"early_stopping.metric={es} is measured by evaluations, and train.eval_every=0 "
+                              f"evaluates only at the end: set train.eval_every > 0",
+                              keys=("early_stopping.metric", "train.eval_every"))
         # "no reward source" is checked by PPOTrainer: Python callers may pass reward functions directly
+        # (and "train.eval_every without eval prompts" too: they may pass an eval dataset)
 
 
 def describe_fields(cls: type = PPOConfig, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -247,7 +247,8 @@ def run_datasets(config, train_dataset, eval_dataset,
                  columns: Sequence[str] | None = None) -> tuple[PPODataset, PPODataset]:
     """(train, eval) PPODatasets from the arguments or `data.*` (rows read from files keep their
     'file:line' sources); `columns`: the column names to keep (None = all, e.g. `data.columns`).
-    Datasets given as PPODatasets are used as they are."""
+    Datasets given as PPODatasets are used as they are. ConfigError: train.eval_every > 0 without
+    eval prompts."""
     d = config.data
 
     def as_dataset(x):
@@ -272,4 +273,9 @@ def run_datasets(config, train_dataset, eval_dataset,
             train_dataset = prompts
     elif eval_dataset is None and d.eval_prompts:
         eval_dataset = from_file(d.eval_prompts)
-    return as_dataset(train_dataset), as_dataset(eval_dataset if eval_dataset is not None else [])
+    train, evals = as_dataset(train_dataset), as_dataset(eval_dataset if eval_dataset is not None else [])
+    if config.train.eval_every and not len(evals):      # it would silently never evaluate
+        raise ConfigError(f"train.eval_every={config.train.eval_every} but there are no eval prompts (data.eval_prompts "
+                          f"is null, data.eval_fraction={d.eval_fraction}, no eval dataset given): set one of them, "
+                          f"or train.eval_every=0", keys=("train.eval_every", "data.eval_fraction"))
+    return train, evals

@@ -128,8 +128,9 @@ def score_responses(reward_fns: list[tuple[str, RewardFn, float]], prompts: list
 
     A function that raises (or returns the wrong number of scores) on the batch is called again
     on each row to find the prompt at fault; a non-finite score names its prompt too. With
-    on_error="raise" that is a RewardError; with "penalty" the rows at fault score error_penalty
-    (with a warning through `log`) and the others keep their scores. `sources` maps
+    on_error="raise" that is a RewardError; with "penalty" a row at fault scores error_penalty as a
+    whole (not times the function's weight, nor plus the other functions' scores; a reward model's
+    score is still added to it), with a warning through `log`, and the other rows keep their scores. `sources` maps
     `prompt_key(prompt)` to where it comes from ('prompts.jsonl:7'), shown next to it.
     `timings`, when given, receives each function's wall seconds in this call by name.
     """
@@ -159,7 +160,7 @@ def score_responses(reward_fns: list[tuple[str, RewardFn, float]], prompts: list
                        if k not in spec.positional and (spec.names is None or k in spec.names)})
 
     batch = call_concurrently([functools.partial(fn, prompts, texts, **kw) for (_, fn, _), kw in zip(reward_fns, kwargs)])
-    total = np.zeros(B, np.float64)
+    total, at_fault = np.zeros(B, np.float64), np.zeros(B, bool)
     for (name, fn, weight), kw, (value, exc, seconds) in zip(reward_fns, kwargs, batch):
         values, error = _scores(value, exc, B)
         if error is not None:
@@ -184,6 +185,7 @@ def score_responses(reward_fns: list[tuple[str, RewardFn, float]], prompts: list
                     raise RewardError(f"reward function {name} failed on a batch of {B} prompts "
                                       f"(first {prompt_at(0)}): {error}")
                 values[:], failed = error_penalty, list(range(B))
+            at_fault[failed] = True
             log(f"warning: reward function {name} failed on {len(failed)} of {B} responses ({error}); "
                 f"they score reward.error_penalty={error_penalty}")
         if timings is not None:
@@ -197,9 +199,9 @@ def score_responses(reward_fns: list[tuple[str, RewardFn, float]], prompts: list
                                   "responses reward.error_penalty instead")
             log(f"warning: reward function {name} returned {int(bad.sum())} non-finite scores "
                 f"(first {values[i]} for prompt {prompt_at(i)}); using reward.error_penalty={error_penalty}")
-            values = np.where(bad, error_penalty, values)
+            values, at_fault = np.where(bad, error_penalty, values), at_fault | bad
         total += weight * values
-    return total.astype(np.float32)
+    return np.where(at_fault, error_penalty, total).astype(np.float32)
 
 
 class RewardScorer:

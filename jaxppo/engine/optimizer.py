@@ -8,8 +8,9 @@ Schedules count optimiser steps (one per minibatch, after gradient accumulation)
 - constant: warmup (linear from 0) then `lr`
 - linear:   warmup then linear decay to `lr * min_lr_ratio`
 - cosine:   warmup then cosine decay to `lr * min_lr_ratio`
-- plateau:  warmup then constant, times optax.contrib.reduce_on_plateau's scale, driven once per
-            PPO iteration by a metric known before the update (the caller passes `value=`).
+- plateau:  warmup then constant, times the scale of `reduce_on_plateau` (optax's, with `rtol`
+            relative to |best| in both modes), driven once per PPO iteration by a metric known
+            before the update (the caller passes `value=`).
 
 The clip takes the norm as the `grad_norm` extra argument when the caller has it: `ppo_update`
 computes every step's gradient norm anyway (for the metrics and the non-finite check), and a
@@ -93,11 +94,48 @@ def make_optimizer(optim_cfg, total_updates: int, lr: float | None = None, *,
     if optim_cfg.schedule == "plateau":
         p = optim_cfg.plateau
         # every minibatch of one iteration sees the same value; accumulate them into one decision
-        parts.append(optax.contrib.reduce_on_plateau(
+        parts.append(reduce_on_plateau(
             factor=float(p.factor), patience=int(p.patience), rtol=float(p.rtol), atol=float(p.atol),
             cooldown=int(p.cooldown), accumulation_size=int(updates_per_iteration),
             min_scale=float(p.min_scale)))
     return optax.chain(*parts), schedule
+
+
+def reduce_on_plateau(*, factor: float, patience: int, rtol: float, atol: float, cooldown: int,
+                      accumulation_size: int, min_scale: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.contrib.reduce_on_plateau` (the same state, so checkpoints are unchanged) with an
+    improvement that means one thing whatever the sign: the mean `value` of `accumulation_size`
+    updates improves when it is below the best by more than `rtol x |best| + atol`. optax tests
+    `avg < (1 - rtol) x best - atol`, which loosens instead of tightening when the best is negative,
+    as a `mode: max` metric above zero is once negated (`shaping.StepSettings.plateau_sign`)."""
+    init = optax.contrib.reduce_on_plateau(factor=factor, patience=patience, rtol=rtol, atol=atol,
+                                           cooldown=cooldown, accumulation_size=accumulation_size,
+                                           min_scale=min_scale).init
+
+    def decide(state):
+        best, avg = state.best_value, state.avg_value
+        # the first decision always improves on the initial +inf (inf - rtol x inf would be nan)
+        improved = avg < jnp.where(jnp.isfinite(best), best - rtol * jnp.abs(best) - atol, best)
+        plateau = jnp.where(improved, 0, state.plateau_count + 1)
+        cooling = state.cooldown_count > 0                 # a cooldown ignores the bad checks
+        reduce = ~cooling & (plateau == patience)
+        scale = jnp.where(reduce, jnp.maximum(state.scale * factor, min_scale), state.scale)
+        return state._replace(
+            best_value=jnp.where(improved, avg, best).astype(best.dtype),
+            plateau_count=jnp.where(cooling | reduce, 0, plateau).astype(jnp.int32),
+            scale=scale.astype(state.scale.dtype),
+            cooldown_count=jnp.where(cooling, state.cooldown_count - 1, jnp.where(reduce, cooldown, 0)).astype(jnp.int32),
+            count=jnp.zeros_like(state.count), avg_value=jnp.zeros_like(avg))
+
+    def update_fn(updates, state, params=None, *, value, **extra_args):
+        del params, extra_args
+        count = state.count + 1
+        avg = (state.count * state.avg_value + jnp.asarray(value, state.avg_value.dtype)) / count
+        state = state._replace(avg_value=avg.astype(state.avg_value.dtype), count=count)
+        state = jax.lax.cond(count == accumulation_size, decide, lambda s: s, state)
+        return jax.tree.map(lambda g: state.scale * g, updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update_fn)
 
 
 def plateau_scale(opt_state) -> jnp.ndarray:

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxppo.core.rewards import kl_per_token
+from jaxppo.engine.mesh import replicated
 from jaxppo.engine.optimizer import current_lr
 from jaxppo.engine.placement import Placement
 from jaxppo.engine.sampling import SamplingParams, sample
@@ -92,7 +94,7 @@ def evaluate_phase(graphs: ModelGraphs, s: StepSettings, policy_params, frozen: 
     out, attn = sample_phase(graphs.policy, sampling, policy_params, prompt_ids, prompt_mask, key)
     ref_logprobs, scores = score_phase(graphs.ref, graphs.reward_model, s, frozen, out.tokens, attn, out.response,
                                        out.mask)
-    kl = ((out.logprobs - ref_logprobs) * out.mask).sum(-1)
+    kl = (kl_per_token(out.logprobs, ref_logprobs, s.kl_estimator) * out.mask).sum(-1)   # as training's objective/kl
     return EvalOutput(response=out.response, mask=out.mask, kl=kl, rm_scores=scores)
 
 
@@ -130,7 +132,7 @@ class Programs(NamedTuple):
     prepare: Callable         # (small state, Experience, fn scores) -> (PPOBatch, perm key, plateau value, aux)
     policy_update: Callable   # (params, opt, batch, perm key, plateau value, count) -> (params, opt, out); donated
     critic_update: Callable | None
-    finish: Callable          # (small state, aux, policy out, critic out) -> (kl, moments, IterationMetrics)
+    finish: Callable          # (small state, aux, policy out, critic out) -> (kl, moments, step, IterationMetrics)
     placement: Placement
     settings: StepSettings
 
@@ -169,7 +171,7 @@ def make_programs(settings: StepSettings, graphs: ModelGraphs, optimizers: Optim
         score=jax.jit(functools.partial(score_phase, graphs.ref, graphs.reward_model, s)),
         values=jax.jit(functools.partial(values_phase, graphs.critic, s.forward_batch_size)) if critic else None,
         evaluate=jax.jit(functools.partial(evaluate_phase, graphs, s)),
-        sampling_key=jax.jit(sampling_key),
+        sampling_key=jax.jit(functools.partial(sampling_key)),   # (a partial: jit caches per function object)
         prepare=jax.jit(functools.partial(prepare, s)),
         policy_update=update_program(policy_objective(s.update, s.sampling.scoring_temperature), graphs.policy,
                                      o.policy_tx, o.policy_schedule, policy_shardings),
@@ -202,11 +204,19 @@ def _update_args(p: Programs, state: TrainState, batch, perm_key, plateau_value)
     return (state.policy, state.policy_opt, batch, *scalars), (state.critic, state.critic_opt, cbatch, *cscalars)
 
 
+def iteration_key(p: Programs, state: TrainState):
+    """The sampling key of the iteration `state` is at. The base key and the step go in with one
+    fixed (replicated) sharding, whatever program or restore produced them, so that `sampling_key`
+    compiles once."""
+    rng, step = jax.device_put((state.rng, state.step), replicated(p.placement.policy_mesh))
+    return p.sampling_key(rng, step)
+
+
 def rollout(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key=None) -> Experience:
     """Sample a batch (with the iteration's key unless `key` is given), then score it: the
     reference and reward-model forwards on the policy's devices and the critic's values on the
     critic's, side by side when those differ. Dispatch only: no host sync."""
-    key = p.sampling_key(state.rng, state.step) if key is None else key
+    key = iteration_key(p, state) if key is None else key
     out, attn = p.sample(state.policy, prompt_ids, prompt_mask, key)
     values = p.values(*_values_args(p, state, out.tokens, attn, out.mask)) if p.has_critic else None
     ref_logprobs, scores = p.score(frozen, out.tokens, attn, out.response, out.mask)
@@ -229,9 +239,9 @@ def update(p: Programs, state: TrainState, exp: Experience, fn_scores) -> tuple[
     if p.has_critic:
         critic, critic_opt, cout = p.critic_update(*critic_args)
         _, cout = p.placement.to_policy(scalars=cout)
-    kl, moments, metrics = p.finish(small, aux, pout, cout)
+    kl, moments, step, metrics = p.finish(small, aux, pout, cout)     # the step count too: no host-side op
     return state.replace(policy=policy, critic=critic, policy_opt=policy_opt, critic_opt=critic_opt,
-                         kl=kl, reward_moments=moments, step=state.step + 1), metrics
+                         kl=kl, reward_moments=moments, step=step), metrics
 
 
 def lower(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key, exp: Experience,

@@ -39,7 +39,7 @@ class SamplingParams:
     temperature: float = 0.7       # 0.0 means greedy
     top_k: int = 0                 # 0 = off
     top_p: float = 1.0             # 1.0 = off
-    eos_token_ids: tuple[int, ...] = ()  # any of these ends a row
+    eos_token_ids: tuple[int, ...] = ()  # the stop ids: end a row with stop_at_eos (has_eos reads them always)
     pad_token_id: int = 0          # written after EOS
     stop_at_eos: bool = True       # False: always R tokens, EOS is an ordinary token (the peer bench)
     num_generations: int = 1       # G samples per prompt: rows b*G .. b*G+G-1 continue prompt b
@@ -68,10 +68,12 @@ class SamplingParams:
 
     @classmethod
     def from_config(cls, rollout_cfg, eos_token_ids: tuple[int, ...], pad_token_id: int) -> SamplingParams:
-        """The `rollout` section, with the stop tokens and pad id the loaded models give."""
+        """The `rollout` section, with the stop tokens and pad id the loaded models give. The stop
+        ids are kept without `stop_at_eos` too: the missing-EOS penalty and `val/num_eos_tokens`
+        look for them whatever it says; the sampler only stops at them with it."""
         r = rollout_cfg
         return cls(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                   eos_token_ids=tuple(eos_token_ids) if r.stop_at_eos else (), pad_token_id=pad_token_id,
+                   eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
                    stop_at_eos=r.stop_at_eos, num_generations=r.num_generations)
 
 

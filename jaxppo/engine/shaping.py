@@ -249,9 +249,9 @@ def prepare(s: StepSettings, small, exp: Experience, fn_scores):
 
 
 def finish(s: StepSettings, small, aux: PrepareAux, policy_out, critic_out):
-    """Metrics, and the KL controller and reward statistics, which follow the iteration only when
-    every optimiser step of both models counted."""
-    kl_state, old_moments, _, _ = small
+    """Metrics, the next step count, and the KL controller and reward statistics, which follow the
+    iteration only when every optimiser step of both models counted."""
+    kl_state, old_moments, _, step = small
     pstats, plr = policy_out
     cstats, clr = (None, None) if critic_out is None else critic_out
     upd = update_metrics(pstats, cstats)
@@ -267,7 +267,7 @@ def finish(s: StepSettings, small, aux: PrepareAux, policy_out, critic_out):
                                (new_kl, aux.moments), (kl_state, old_moments))
     metrics = IterationMetrics(rollout=aux.stats, update=upd, lr=plr, lr_critic=clr,
                                nonfinite=1.0 - finite.astype(jnp.float32))
-    return kl, moments, metrics
+    return kl, moments, step + 1, metrics
 
 
 def _all_finite(tree) -> jax.Array:

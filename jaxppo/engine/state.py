@@ -52,7 +52,7 @@ class Experience:
 class EvalOutput:
     response: jax.Array        # [B, R]
     mask: jax.Array            # [B, R]
-    kl: jax.Array              # [B] sum over the response of log pi - log pi_ref (k1)
+    kl: jax.Array              # [B] sum over the response of the per-token KL (ppo.kl_estimator)
     rm_scores: jax.Array       # [B] reward-model score (0 without one)
 
 

@@ -44,7 +44,7 @@ def collect_batch(programs, state, frozen, mesh, rewards: Callable, draw: Callab
                   group_size: int, filter_groups: bool = False, max_rounds: int = 1):
     """(Experience [B*G rows], reward-function scores [B*G] on the host, metrics). `draw()` gives
     the next prompt batch; `rewards(prompts, response, mask, columns)` scores a sampled one."""
-    key0 = programs.sampling_key(state.rng, state.step)
+    key0 = iteration.iteration_key(programs, state)
     rounds, kept, dropped = [], [], []           # kept / dropped: (round, group) in sampling order
     for r in range(max_rounds if filter_groups else 1):
         batch = draw()
@@ -99,6 +99,7 @@ class RunProgress:
     eval_metrics: dict = dataclasses.field(default_factory=dict)
     stop_reason: str | None = None
     eval_job: Any = None           # evaluation.EvalJob running in the background, if any
+    final_eval: dict | None = None  # restored: the final evaluation {"step", "metrics"} a signal's checkpoint holds
     t_start: float = 0.0
 
     def next_batch(self) -> PromptBatch:

@@ -21,6 +21,8 @@ from jaxppo.data.prompts import pad_prompts
 from jaxppo.engine.mesh import replicated, shard_batch
 
 EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same keys at every eval
+# what an evaluation reports (logged as eval/<name>; `early_stopping.metric` may watch any of them)
+EVAL_METRICS = ("objective/scores", "objective/kl", "response_length", "eos_rate", "num_prompts")
 
 
 class Evaluator:

@@ -243,3 +243,11 @@ class TrainingLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def progress_bar(cfg, start: int):
+    """The console's tqdm bar over train.total_steps from `start` (None when logging.progress_bar is off)."""
+    if not cfg.logging.progress_bar:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.train.total_steps, initial=start, desc="ppo", unit="it", dynamic_ncols=True)

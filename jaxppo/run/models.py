@@ -4,12 +4,14 @@ The policy (trained), its frozen reference, the critic (trained; from the policy
 with a fresh value head, from the reward model, or from a folder of its own) and the reward
 model (optional), with the tokenizer they share and the stop and pad ids sampling uses.
 `model.policy=tiny` and `model.reward_model=tiny` stand for cached tiny random checkpoints
-(`tiny_model_dir`), which the demo and the tests use.
+(`tiny_model_dir`), which the demo and the tests use; a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`)
+is read from the Hugging Face cache (`jaxppo.models.hub.resolve_model`), tokenizer included.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,8 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxppo.engine.state import Frozen, ModelGraphs
-from jaxppo.errors import ConfigError
+from jaxppo.errors import ConfigError, one_line
 from jaxppo.models import hf
+from jaxppo.models.hub import resolve_model
 from jaxppo.runtime import cache_root
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -73,12 +76,19 @@ def load_models(config) -> tuple[Models, InitialParams]:
     c, seed = config.model, config.train.seed
     dtype = DTYPES[c.dtype]
     ref_dtype = DTYPES[c.ref_dtype or c.dtype]
-    policy_path = tiny_model_dir(c.tiny_arch, seed=seed) if c.policy == "tiny" else c.policy
-    policy, tokenizer = hf.load_causal_lm(policy_path, dtype=dtype, remat=c.remat)
+    # a folder, `tiny`, or a Hugging Face Hub id (`org/name[@revision]`: the local cache, else a download)
+    policy_path = (tiny_model_dir(c.tiny_arch, seed=seed) if c.policy == "tiny"
+                   else resolve_model(c.policy, "model.policy"))
+    # the trained models (policy, critic) keep float32 master weights whatever the compute dtype:
+    # a bf16 weight would round an lr-1e-6 Adam step back to itself; frozen ones may be stored in it
+    master = jnp.float32
+    policy, tokenizer = hf.load_causal_lm(policy_path, dtype=dtype, param_dtype=master, remat=c.remat)
     ref, _ = hf.load_causal_lm(policy_path, dtype=ref_dtype, param_dtype=ref_dtype)
     rm_path = c.reward_model
     if rm_path == "tiny":     # a random tiny reward model sharing the tiny tokenizer (demos, tests)
         rm_path = tiny_model_dir(c.tiny_arch, seed=seed + 1, reward_model=True)
+    elif rm_path:
+        rm_path = resolve_model(rm_path, "model.reward_model")
     reward_model = None
     if rm_path:
         reward_model, rm_tok = hf.load_reward_model(rm_path, dtype=dtype)
@@ -86,12 +96,14 @@ def load_models(config) -> tuple[Models, InitialParams]:
     if config.algo.critic_free:
         critic = None             # grpo, rloo, reinforce_pp...: no value model is loaded or trained
     elif c.critic:
-        critic, critic_tok = hf.load_reward_model(c.critic, dtype=dtype, remat=c.remat)
-        check_same_vocab(tokenizer, critic_tok, policy_path, c.critic)
+        critic_path = resolve_model(c.critic, "model.critic")
+        critic, critic_tok = hf.load_reward_model(critic_path, dtype=dtype, param_dtype=master, remat=c.remat)
+        check_same_vocab(tokenizer, critic_tok, policy_path, critic_path)
     elif c.critic_init == "reward_model":
-        critic, _ = hf.load_reward_model(rm_path, dtype=dtype, remat=c.remat)
+        critic, _ = hf.load_reward_model(rm_path, dtype=dtype, param_dtype=master, remat=c.remat)
     else:
-        critic = hf.load_model(policy_path, head="scalar", fresh_head=True, dtype=dtype, remat=c.remat, seed=seed)
+        critic = hf.load_model(policy_path, head="scalar", fresh_head=True, dtype=dtype, param_dtype=master,
+                               remat=c.remat, seed=seed)
     for model, path in ((policy, policy_path), (reward_model, c.reward_model), (critic, c.critic or "critic")):
         if model is not None and model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only "
@@ -104,12 +116,31 @@ def load_models(config) -> tuple[Models, InitialParams]:
     models = Models(
         graphs=ModelGraphs(policy=policy_graph, critic=critic_graph, ref=ref_graph, reward_model=rm_graph),
         tokenizer=tokenizer,
-        eos_ids=tuple(sorted({eos} if isinstance(eos, int) else set(eos or ()))),
+        eos_ids=stop_token_ids(tokenizer, policy_path, config.rollout.stop_token_ids),
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
         policy_path=policy_path, reward_model_path=rm_path, policy_config=policy.config,
         critic_config=None if critic is None else critic.config, reward_model_config=None if reward_model is None else reward_model.config)
     return models, InitialParams(policy=policy_params, critic=critic_params,
                                  frozen=Frozen(ref=ref_params, reward_model=rm_params))
+
+
+def stop_token_ids(tokenizer, folder: str, extra=()) -> tuple[int, ...]:
+    """The ids that end a response, sorted: the tokenizer's EOS, `eos_token_id` of the folder's
+    generation_config.json (an int or a list: chat models end turns with `<|im_end|>`, `<|eot_id|>`)
+    and `extra` (rollout.stop_token_ids)."""
+    ids = set(extra)
+    for eos in (tokenizer.eos_token_id, _generation_eos(Path(folder) / "generation_config.json")):
+        ids |= {eos} if isinstance(eos, int) else set(eos or ())
+    return tuple(sorted(int(i) for i in ids))
+
+
+def _generation_eos(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a readable generation config ({type(e).__name__}: {one_line(e)})") from None
 
 
 def check_same_vocab(tok_a, tok_b, path_a, path_b):

@@ -40,8 +40,10 @@ from jaxppo.models import hf
 from jaxppo.run.collect import RunProgress, collect_batch
 from jaxppo.run.early_stopping import EarlyStopping
 from jaxppo.run.evaluation import Evaluator, format_metrics
+from jaxppo.run.logger import progress_bar
 from jaxppo.run.models import load_models
 from jaxppo.run.rundir import RunDir, StopSignals, abstract, fingerprint, param_count
+from jaxppo.run.runfolder import replaced_atomically
 
 
 class NonFiniteError(JaxppoError):
@@ -52,7 +54,8 @@ class PPOTrainer:
     """PPO for a causal LM with a separate critic, a frozen reference and reward model/functions."""
 
     def __init__(self, config: PPOConfig | None = None, resume_from_checkpoint: str | None = None, *,
-                 reward_functions: Sequence[Callable] | None = None):
+                 reward_functions: Sequence[Callable] | None = None, overwrite: bool = False):
+        """`resume_from_checkpoint`: "latest" or a checkpoint path; `overwrite`: see `RunDir`."""
         self.config = c = config or PPOConfig()
         runtime.configure(deterministic=c.train.deterministic)   # before anything starts JAX's backends
         if os.environ.get("JAXPPO_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
@@ -62,7 +65,7 @@ class PPOTrainer:
         check_devices(c, jax.device_count(), jax.devices()[0].platform, jax.process_count())
         m, init = load_models(c)
         self.models = m
-        self.run_dir = RunDir(c, fingerprint(c, m.policy_config, m.critic_config))
+        self.run_dir = RunDir(c, fingerprint(c, m.policy_config, m.critic_config), overwrite=overwrite)
         self.rewards = tasks.RewardScorer(tasks.reward_functions(c.reward, reward_functions), m.tokenizer, c.reward,
                                           log=self.run_dir.log)
         if not self.rewards.fns and init.frozen.reward_model is None:
@@ -106,12 +109,12 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ public API
     def evaluate(self, eval_dataset, step: int | None = None, *, log: bool = True) -> dict:
-        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate.
-
-        Its own program (`programs.evaluate`: sampling + reference and reward-model forwards, no
-        critic), compiled once for one batch size: by default every eval prompt in one batch (up to
-        4 x train.batch_size), so an evaluation is a single dispatch. During `train` it runs in a
-        background thread while the next step trains (`train.async_eval`)."""
+        """Sample on held-out prompts under fixed keys; mean score, KL, length and EOS rate: logged
+        (`log`) during `train`, only returned before or after it. Its own program (sampling + the
+        reference and reward-model forwards, no critic), compiled once for one batch size: by default
+        every eval prompt in one batch (up to 4 x train.batch_size), a single dispatch. During `train`
+        it runs in a background thread while the next step trains (`train.async_eval`)."""
+        self.state = self.run_dir.resumed_state(self.resume_from, self.state)   # untrained: the checkpoint's
         step = int(self.state.step) if step is None else step
         return self.evaluator.evaluate(eval_dataset, self.state.policy, step,
                                        self.run_dir.logger if log else None)
@@ -123,7 +126,8 @@ class PPOTrainer:
     def export(self, path) -> str:
         """Write the current policy as an HF folder (config.json, model.safetensors, tokenizer)."""
         model = nnx.merge(self.models.graphs.policy, self.state.policy)
-        hf.save_pretrained(model, self.tokenizer, str(path))
+        with replaced_atomically(path) as tmp:      # never seen half-written
+            hf.save_pretrained(model, self.tokenizer, str(tmp))
         return str(path)
 
     def tokenize(self, prompts: list[str], source: str | Sequence[str] | None = None):
@@ -142,8 +146,9 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, train_dataset=None, eval_dataset=None) -> dict:
-        """Run from the current step to train.total_steps, early stopping or a signal (SIGINT/SIGTERM:
-        checkpoint and return); evaluate, checkpoint, export and plot at the end. Returns the summary."""
+        """Run to train.total_steps, early stopping or a signal (SIGINT/SIGTERM at any phase: checkpoint
+        and return; a second one aborts at once); evaluate, checkpoint, export and plot at the end. A
+        caught error first checkpoints the last completed step. Returns the summary."""
         c = self.config
         # bad input (prompts, context length, resume target, run dir) fails here, before the run
         # directory is touched and before anything is compiled
@@ -152,28 +157,33 @@ class PPOTrainer:
         self.signals.install()
         bar = progress_bar(c, start)
         run.t_start = time.perf_counter()
-        if run.eval_prompts:   # compile the evaluation program now, not in the middle of the run
-            jax.block_until_ready(self.evaluator.dispatch(run.eval_prompts, self.state.policy))
+        position = run.iterator.state_dict()      # the prompt position that goes with self.state
         try:
+            if run.eval_prompts:   # compile the evaluation program now, not in the middle of the run
+                jax.block_until_ready(self.evaluator.dispatch(run.eval_prompts, self.state.policy))
             for step in range(start, c.train.total_steps):
                 metrics = self.train_step(run, step)
+                position = run.iterator.state_dict()
                 self.record(run, step + 1, metrics, bar)
                 if self.after_step(run, step + 1, metrics) or self.signals.received is not None:
                     break
             if run.eval_job is not None:          # stopped early: the last evaluation is still logged
                 run.eval_metrics, run.eval_job = self.evaluator.join(run.eval_job, run.eval_prompts,
                                                                      self.run_dir.logger), None
-        except BaseException:
-            # the last complete checkpoint stays intact; finish pending writes and close the files
+            if bar is not None:
+                bar.close()
+            return self.finish(run)
+        except BaseException as e:
             if run.eval_job is not None:
                 run.eval_job.abandon()
-            self.run_dir.close()
+            # not a non-finite state (NonFiniteError included): the last good checkpoint stays the latest
+            self.run_dir.save_before_exit(self.state, self.host_state(position), e, savable=not self.nonfinite_streak)
+            self.run_dir.close()                  # finish pending writes, close the files, release the lock
             raise
         finally:
             if bar is not None:
                 bar.close()
             self.signals.restore()
-        return self.finish(run)
 
     def prepare_data(self, train_dataset, eval_dataset) -> RunProgress:
         """Datasets, token ids padded to one prompt length, and the context-length check."""
@@ -206,6 +216,7 @@ class PPOTrainer:
             run.iterator.load_state_dict(host["iterator"])
             self.early_stopping.load_state_dict(host.get("early_stopping", {}))
             self.nonfinite_streak = int(host.get("nonfinite_streak", 0))
+            run.final_eval = host.get("final_eval")
             self.state = state
 
         self.run_dir.open(self.resume_from, abstract(self.state), resume)
@@ -218,10 +229,10 @@ class PPOTrainer:
                          f"run dir {self.run_dir.path}")
         return start
 
-    def save_checkpoint(self, iterator, metrics: dict | None = None, force: bool = False):
-        host = {"iterator": iterator.state_dict(), "early_stopping": self.early_stopping.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak}
-        self.run_dir.save(self.state, host, metrics, force=force)
+    def host_state(self, position: dict, **extra) -> dict:
+        """A checkpoint's host side: the prompt iterator's `position`, early stopping, the non-finite streak."""
+        return {"iterator": position, "early_stopping": self.early_stopping.state_dict(),
+                "nonfinite_streak": self.nonfinite_streak, **extra}
 
     def train_step(self, run: RunProgress, step: int) -> dict:
         """One PPO iteration (rollout, reward functions, update) -> its metrics as floats."""
@@ -284,31 +295,33 @@ class PPOTrainer:
         if es_value is not None and self.early_stopping.check(es_value):
             run.stop_reason = self.early_stopping.reason
         # a step that skipped optimizer steps is not saved: the last good checkpoint stays the latest
-        if c.train.save_every and done % c.train.save_every == 0 and done < c.train.total_steps \
-                and not metrics["nonfinite"] > 0:
-            self.save_checkpoint(run.iterator, {**metrics, **{f"eval/{k}": v for k, v in run.eval_metrics.items()}})
+        if self.run_dir.save_due(done) and not metrics["nonfinite"] > 0:
+            self.run_dir.save(self.state, self.host_state(run.iterator.state_dict()),
+                              {**metrics, **{f"eval/{k}": v for k, v in run.eval_metrics.items()}})
         return run.stop_reason is not None
 
     def finish(self, run: RunProgress) -> dict:
-        """After the loop: a signal saves a checkpoint and returns; otherwise the final evaluation,
-        checkpoint, exported model, plots and the summary."""
+        """After the loop: the final evaluation, checkpoint, exported model, plots and the summary. A signal
+        before the export saves a checkpoint (with the final evaluation, not repeated on resume) and returns."""
         step = int(self.state.step)
-        if self.signals.received is not None:
-            run.stop_reason = f"received signal {signal.Signals(self.signals.received).name}"
-            self.save_checkpoint(run.iterator, None, force=True)
-            self.run_dir.checkpointer.wait()
-            self.run_dir.log(f"{run.stop_reason}: saved checkpoint at step {step}; resume with --resume")
-            self.run_dir.logger.close()
-            return {"stopped": run.stop_reason, "step": step}
         if run.stop_reason:
             self.run_dir.log(run.stop_reason)
-        if run.eval_prompts:
-            run.eval_metrics = self.evaluator.evaluate(run.eval_prompts, self.state.policy, step,
-                                                       self.run_dir.logger)
+        final = run.final_eval if run.final_eval and run.final_eval["step"] == step else None
+        if final is not None:                     # resumed after its final evaluation: logged already
+            run.eval_metrics = final["metrics"]
+        elif run.eval_prompts and self.signals.received is None:
+            run.eval_metrics = self.evaluator.evaluate(run.eval_prompts, self.state.policy, step, self.run_dir.logger)
             self.run_dir.log(format_metrics("eval", step, run.eval_metrics))
-        self.save_checkpoint(run.iterator, {**run.last_metrics, **{f"eval/{k}": v for k, v in run.eval_metrics.items()}},
-                             force=True)
+            final = {"step": step, "metrics": run.eval_metrics}
+        metrics = None if self.signals.received is not None and final is None else \
+            {**run.last_metrics, **{f"eval/{k}": v for k, v in run.eval_metrics.items()}}
+        self.run_dir.save(self.state, self.host_state(run.iterator.state_dict(), final_eval=final), metrics, force=True)
         self.run_dir.checkpointer.wait()
+        if self.signals.received is not None:
+            run.stop_reason = f"received signal {signal.Signals(self.signals.received).name}"
+            self.run_dir.log(f"{run.stop_reason}: saved checkpoint at step {step}; resume with --resume")
+            self.run_dir.close()
+            return {"stopped": run.stop_reason, "step": step}
         self.export(self.run_dir.path / "final_model")
         try:
             from jaxppo.run.plots import plot_run
@@ -328,10 +341,3 @@ class PPOTrainer:
         self.run_dir.log("summary: " + json.dumps(summary, default=str))
         self.run_dir.close()
         return summary
-
-
-def progress_bar(cfg, start):
-    if not cfg.logging.progress_bar:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=cfg.train.total_steps, initial=start, desc="ppo", unit="it", dynamic_ncols=True)

@@ -218,7 +218,7 @@ def test_malformed_messages_name_the_row(chat_tokenizer):
 def config(**data):
     d = dict(prompts=None, eval_prompts=None, eval_fraction=0.1, prompt_field="prompt")
     return SimpleNamespace(data=SimpleNamespace(**{**d, **data}), reward=SimpleNamespace(task="letters"),
-                           train=SimpleNamespace(seed=0))
+                           train=SimpleNamespace(seed=0, eval_every=0))
 
 
 def test_run_datasets_with_columns(tmp_path):

@@ -124,3 +124,23 @@ def test_failing_rows_are_found_with_columns_and_chat_prompts():
                         sources=sources)
     with pytest.raises(ValueError, match="column 'answer' has 2 values for 3 prompts"):
         score_responses([("picky", picky, 1.0)], prompts, ["a", "b", "c"], columns={"answer": ["k", "4"]})
+
+
+def test_error_penalty_is_the_score_of_the_row_whatever_the_weights():
+    """reward.error_penalty is the row's score from the reward functions as a whole: not multiplied
+    by the failing function's weight, nor added to the other functions' scores."""
+    def fails_on_b(prompts, responses):
+        if "b" in responses:
+            raise ValueError("no")
+        return [1.0] * len(responses)
+
+    def nan_on_c(prompts, responses):
+        return [float("nan") if r == "c" else 0.5 for r in responses]
+
+    fns = [("fails_on_b", fails_on_b, 3.0), ("nan_on_c", nan_on_c, 2.0)]
+    scores = score_responses(fns, ["p0", "p1", "p2"], ["a", "b", "c"], on_error="penalty", error_penalty=-1.0,
+                             log=lambda _: None)
+    np.testing.assert_allclose(scores, [3.0 * 1.0 + 2.0 * 0.5, -1.0, -1.0])
+    whole = score_responses(fns[:1], ["p0", "p1"], ["a", "b"], on_error="penalty", error_penalty=-1.0,
+                            log=lambda _: None)
+    np.testing.assert_allclose(whole, [3.0, -1.0])      # weight 3, still -1

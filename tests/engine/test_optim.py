@@ -66,6 +66,54 @@ def test_plateau_scale_is_one_without_plateau():
     assert float(plateau_scale(tx.init({"w": jnp.zeros(2)}))) == 1.0
 
 
+def plateau_scales(mode, metrics, **plateau):
+    """The plateau scale after each value of `metrics`, fed as the update does (negated for max)."""
+    c = cfg(lr=1.0, schedule="plateau", plateau=PlateauConfig(mode=mode, **plateau))
+    tx, _ = make_optimizer(c, total_updates=100)
+    sign = -1.0 if mode == "max" else 1.0             # shaping.StepSettings.plateau_sign
+    params, g = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+    state, scales = tx.init(params), []
+    for m in metrics:
+        _, state = tx.update(g, state, params, value=jnp.float32(sign * m))
+        scales.append(float(plateau_scale(state)))
+    return scales
+
+
+@pytest.mark.parametrize("rising", [[1.0, 0.95, 1.05, 1.2, 1.25],          # metrics above zero
+                                    [-1.0, -1.05, -0.95, -0.85, -0.8]])     # and below
+def test_plateau_rtol_is_an_improvement_by_more_than_rtol_of_the_best_in_both_modes(rising):
+    """An improvement is a move in the mode's direction by more than rtol x |best| + atol.
+    rtol 0.1, patience 2: from best 1.0, 0.95 (worse) and 1.05 (better by 5 % < 10 %) are two
+    checks without improvement -> halved; 1.2 improves (best 1.2); 1.25 needs > 1.32. Below zero
+    the same: from -1.0, -0.95 is not above -0.9; -0.85 is; -0.8 is not above -0.765."""
+    expect = [1.0, 1.0, 0.5, 0.5, 0.5]
+    kw = dict(factor=0.5, patience=2, rtol=0.1, atol=0.0, min_scale=0.01)
+    assert plateau_scales("max", rising, **kw) == expect
+    ours = make_optimizer(cfg(schedule="plateau", plateau=PlateauConfig(**kw)), 10)[0].init({"w": jnp.zeros(2)})[-1]
+    theirs = optax.contrib.reduce_on_plateau(**kw).init({"w": jnp.zeros(2)})
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)        # checkpoints unchanged
+    assert plateau_scales("min", [-m for m in rising], **kw) == expect
+    # atol adds to the threshold: from best 1.0 with atol 0.05, 1.14 is not > 1.0 + 0.1 + 0.05
+    kw.update(atol=0.05, patience=1)
+    assert plateau_scales("max", [1.0, 1.14, 1.16], **kw) == [1.0, 0.5, 0.5]
+    assert plateau_scales("min", [-1.0, -1.14, -1.16], **kw) == [1.0, 0.5, 0.5]
+
+
+def test_plateau_equals_optax_where_optax_is_right():
+    """Values above zero, minimised: the decisions, cooldown and accumulation are optax's."""
+    kw = dict(factor=0.5, patience=2, rtol=0.05, atol=0.01, cooldown=1, accumulation_size=2, min_scale=0.2)
+    values = np.abs(np.random.default_rng(0).normal(1.0, 0.3, 40)).astype(np.float32)
+    ours, theirs = optim.reduce_on_plateau(**kw), optax.contrib.reduce_on_plateau(**kw)
+    params, g = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+    a, b = ours.init(params), theirs.init(params)
+    for v in values:
+        _, a = ours.update(g, a, params, value=v)
+        _, b = theirs.update(g, b, params, value=v)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    assert float(a.scale) < 1.0
+
+
 @pytest.mark.parametrize("scale", [0.01, 100.0])            # below and above the clip
 def test_clip_equals_optax_and_takes_the_callers_norm(scale):
     rng = np.random.default_rng(0)

@@ -384,3 +384,36 @@ def test_the_kl_term_in_the_loss_pulls_towards_the_reference():
     assert kl_after(moved) < kl_after(params[0])
     for a, b in zip(jax.tree.leaves(still), jax.tree.leaves(params[0])):      # no advantage, no KL: no step
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+
+
+def test_bf16_compute_with_float32_masters_moves_the_weights_like_float32():
+    """model.dtype=bfloat16 is the compute dtype only: with float32 master weights one Adam step at
+    lr 1e-6 moves every weight matrix as the float32 model's step does, where bf16 weights (the old
+    behaviour, param_dtype following dtype) round almost every such step back to where it was."""
+    from jaxppo.models.transformer import Transformer
+    from helpers import small_config
+
+    batch = make_batch(2)
+    s = UpdateSettings(epochs=1, num_minibatches=1)
+
+    def step(dtype, param_dtype):
+        model = Transformer(small_config(), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        graph, params = nnx.split(model)
+        tx = optax.adam(1e-6)
+        new, _, _ = jax.jit(lambda p, o: model_update(policy_objective(s, T), graph, p, o, batch, jax.random.PRNGKey(0),
+                                                      tx, s))(params, tx.init(params))
+        return {k: (np.asarray(b, np.float32) - np.asarray(a, np.float32))
+                for (k, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                          jax.tree_util.tree_flatten_with_path(new)[0])
+                if np.ndim(a) == 2 and "kernel" in jax.tree_util.keystr(k)}     # (embedding rows: only seen tokens)
+
+    f32 = step(jnp.float32, jnp.float32)
+    mixed = step(jnp.bfloat16, jnp.float32)
+    old = step(jnp.bfloat16, jnp.bfloat16)
+    assert len(f32) >= 8                                         # every block's kernels and the head
+    for k, ref in f32.items():
+        assert (np.abs(ref) > 0).mean() > 0.99, k
+        assert (np.abs(mixed[k]) > 0).mean() > 0.99, k
+        rel = np.linalg.norm(mixed[k] - ref) / np.linalg.norm(ref)
+        assert rel < 0.2, (k, rel)                               # bf16 compute noise flips a few small gradients
+        assert (np.abs(old[k]) > 0).mean() < 0.2, k              # bf16 weights: most steps round away

@@ -6,23 +6,17 @@ import jax
 import numpy as np
 import pytest
 
-from jaxppo.config import load_config
 from jaxppo.errors import ConfigError
 from jaxppo.run.logger import read_metrics
 from jaxppo.run.trainer import PPOTrainer
 
-FAST = ["model.tiny_arch=gpt2", "train.batch_size=4", "rollout.max_new_tokens=8", "ppo.epochs=1",
-        "ppo.num_minibatches=2", "logging.progress_bar=false", "logging.tensorboard=false",
-        "data.max_prompt_length=24", "train.eval_batch_size=4", "optim.lr=1e-3", "rollout.num_generations=2"]
-NON_TIME = lambda row: {k: v for k, v in row.items() if not k.startswith("time") and k != "tokens_per_sec"}
+from test_trainer import NON_TIME
+from test_trainer import make as make_ppo
 
 
 def make(tmp_path, *extra, name="run"):
-    prompts = tmp_path / "prompts.txt"
-    if not prompts.exists():
-        from jaxppo.data.tasks import demo_prompts
-        prompts.write_text("\n".join(demo_prompts(24, seed=1)) + "\n")
-    return load_config(None, FAST + [f"train.output_dir={tmp_path / name}", f"data.prompts={prompts}", *extra])
+    """test_trainer's small run, one epoch, two samples per prompt."""
+    return make_ppo(tmp_path, "ppo.epochs=1", "rollout.num_generations=2", *extra, name=name)
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
