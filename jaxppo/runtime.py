@@ -162,3 +162,57 @@ def use_deterministic_ops() -> None:
             f"started in this process: start Python with XLA_FLAGS={DETERMINISTIC_FLAG}=true",
             keys=("train.deterministic",))
     os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}=true".strip()
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a run of several processes (`jax.distributed.initialize`); call it on every process
+    before the first JAX computation. Unset arguments come from JAXPPO_COORDINATOR_ADDRESS /
+    JAX_COORDINATOR_ADDRESS, JAXPPO_NUM_PROCESSES / JAX_NUM_PROCESSES and JAXPPO_PROCESS_ID /
+    JAX_PROCESS_ID, else from JAX's cluster detection (SLURM, TPU pods, ...). On the CPU the
+    processes' collectives go through gloo. Returns False when already initialized."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return False
+    env = lambda *names: next((os.environ[n] for n in names if os.environ.get(n)), None)
+    coordinator = coordinator or env("JAXPPO_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+    n = num_processes if num_processes is not None else env("JAXPPO_NUM_PROCESSES", "JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else env("JAXPPO_PROCESS_ID", "JAX_PROCESS_ID")
+    if "cpu" in os.environ.get("JAX_PLATFORMS", "cpu").split(","):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, None if n is None else int(n), None if pid is None else int(pid))
+    return True
+
+
+def is_primary() -> bool:
+    """True on process 0, the one that writes logs, configs, samples, plots and exports (without
+    starting JAX: before `initialize_distributed` and JAX's backends, a process is alone)."""
+    if not jax_started() and ("jax" not in sys.modules or not sys.modules["jax"].distributed.is_initialized()):
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def on_primary(fn, what: str = "the run folder"):
+    """`fn()` on process 0 only (its result; None elsewhere); when it raises there, every process
+    raises (process 0 its own error, the others one that points to it). One process: just `fn()`."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    error = result = None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other processes heard of it
+            error = e
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+        if error is not None:
+            raise error
+        raise ConfigError(f"process 0 failed on {what}: see its error")
+    return result

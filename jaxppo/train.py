@@ -71,6 +71,9 @@ def preflight(config, resume: str | None, overwrite: bool = False) -> None:
     if resume is not None:
         find_checkpoint_dir(os.path.join(config.train.output_dir, "checkpoints") if resume == "latest" else resume)
     out = config.train.output_dir
+    from jaxppo.runtime import is_primary
+    if not is_primary():        # the other processes of a multi-process run use process 0's folder
+        return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"train.output_dir={out!r} is a file, not a directory")
     RunLock(out).check()
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         # anything can start JAX (the preflight imports the user's reward modules); the trainer
         # asks again, which is then a no-op
         runtime.configure(deterministic=config.train.deterministic)
+        if os.environ.get("JAXPPO_DISTRIBUTED") == "1":   # several processes: process 0 alone checks the folder
+            runtime.initialize_distributed()
         preflight(config, resume, args.overwrite)
 
         from jaxppo.run.trainer import PPOTrainer

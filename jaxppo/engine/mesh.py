@@ -24,8 +24,10 @@ A dimension is only split when the fsdp size divides it; otherwise the leaf is r
 test vocabularies such as 97 stay whole). Optimiser-state leaves follow the parameter whose path
 they end with.
 
-Several hosts: call `jax.distributed.initialize()` before building the trainer on every host
-(`JAXPPO_DISTRIBUTED=1` makes `PPOTrainer` do it); the mesh then spans all processes' devices.
+Several hosts: call `jaxppo.runtime.initialize_distributed()` before building the trainer on every
+host (`JAXPPO_DISTRIBUTED=1` makes `PPOTrainer` do it); the mesh then spans all processes' devices,
+every process feeds the same global batch (`shard_batch` takes its own devices' rows) and reads
+arrays back whole with `to_host` (rows on other processes' devices all-gathered).
 """
 
 from __future__ import annotations
@@ -140,3 +142,20 @@ def shard_batch(x, mesh: Mesh):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def to_host(tree):
+    """NumPy copies of a pytree of arrays, whole on every process. One process: `jax.device_get`.
+    Several: an array with rows (or FSDP shards) on other processes' devices is all-gathered
+    (`multihost_utils.process_allgather`, a collective: every process calls it, in one order);
+    a replicated one is read from a local copy."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)

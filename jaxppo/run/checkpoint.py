@@ -80,7 +80,7 @@ class Checkpointer:
         self.pack_max_elements = pack_max_elements
         self._pending: int | None = None    # step of the async save that may still be writing
         self._in_save = False
-        if not read_only:
+        if not read_only and jax.process_index() == 0:     # several processes: orbax's primary host
             _remove_temporary_dirs(self.directory)
 
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]

@@ -22,7 +22,7 @@ import numpy as np
 from jaxppo.data.dataset import PPODataset
 from jaxppo.data.prompts import PromptIterator
 from jaxppo.engine import programs as iteration
-from jaxppo.engine.mesh import batch_sharding, shard_batch
+from jaxppo.engine.mesh import batch_sharding, shard_batch, to_host
 
 
 class PromptBatch(NamedTuple):
@@ -52,11 +52,13 @@ def collect_batch(programs, state, frozen, mesh, rewards: Callable, draw: Callab
         exp = iteration.rollout(programs, state, frozen, shard_batch(batch.ids, mesh), shard_batch(batch.mask, mesh),
                                 key)
         prompts, columns = repeat_rows(batch, group_size)
-        fn_scores = rewards(prompts, exp.response, exp.mask, columns)
+        # every process scores the whole batch (the rows of other processes' devices gathered first)
+        response, mask = (exp.response, exp.mask) if jax.process_count() == 1 else to_host((exp.response, exp.mask))
+        fn_scores = rewards(prompts, response, mask, columns)
         if not filter_groups:
             return exp, fn_scores, {}
         rounds.append((exp, fn_scores))
-        total = fn_scores + np.asarray(jax.device_get(exp.rm_scores), np.float32)
+        total = fn_scores + np.asarray(to_host(exp.rm_scores), np.float32)
         spread = total.reshape(-1, group_size).std(axis=1) > 1e-6              # [B] groups with a signal
         kept += [(r, g) for g in np.flatnonzero(spread)]
         dropped += [(r, g) for g in np.flatnonzero(~spread)]

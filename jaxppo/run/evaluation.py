@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxppo.data.dataset import PPODataset, prompt_key
 from jaxppo.data.prompts import pad_prompts
-from jaxppo.engine.mesh import replicated, shard_batch
+from jaxppo.engine.mesh import replicated, shard_batch, to_host
 
 EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same keys at every eval
 # what an evaluation reports (logged as eval/<name>; `early_stopping.metric` may watch any of them)
@@ -73,6 +73,7 @@ class Evaluator:
         prompts = dataset.prompts
         scores, kls, lengths, eos, samples = [], [], [], [], []
         for idx, n_real, out in pending:
+            out = to_host(out)                 # whole on every process (rows of other processes gathered)
             batch_prompts = [prompts[i] for i in idx]
             m, resp = np.asarray(out.mask), np.asarray(out.response)
             s = self.score(batch_prompts, resp, m, dataset.columns_at(idx)) + np.asarray(out.rm_scores)

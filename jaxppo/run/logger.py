@@ -245,6 +245,26 @@ class TrainingLogger:
         self.close()
 
 
+class SilentLogger:
+    """What processes other than 0 of a multi-process run log through: nothing (process 0 writes
+    train.log, metrics.jsonl, samples.jsonl, TensorBoard and wandb for the run)."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, split: str = "train") -> None:
+        pass
+
+    def log_samples(self, samples: Sequence[Mapping[str, Any]], step: int) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(cfg, start: int):
     """The console's tqdm bar over train.total_steps from `start` (None when logging.progress_bar is off)."""
     if not cfg.logging.progress_bar:

@@ -7,6 +7,8 @@ one of another model), the logger and config.yaml (a resume keeps it and records
 overrides.jsonl); `save` writes a checkpoint of the TrainState and the host state (prompt
 iterator, early stopping, non-finite streak, the models' fingerprint), `save_due` says when a
 periodic one is due (train.save_every steps or train.save_every_minutes).
+Several processes (`jax.distributed`): process 0 alone checks, creates and locks the folder and
+writes config.yaml and the logs; every process saves and restores the checkpoints (orbax).
 `StopSignals` turns SIGINT/SIGTERM into "checkpoint and return"; a second one aborts at once.
 """
 
@@ -26,7 +28,7 @@ from jaxppo.config import PPOConfig, config_to_dict, save_config
 from jaxppo.config.resume import resume_changes
 from jaxppo.errors import ConfigError
 from jaxppo.run.checkpoint import Checkpointer, find_checkpoint_dir
-from jaxppo.run.logger import TrainingLogger
+from jaxppo.run.logger import SilentLogger, TrainingLogger
 from jaxppo.run.runfolder import (
     CONFIG_FILE,
     RunLock,
@@ -38,6 +40,7 @@ from jaxppo.run.runfolder import (
     saved_config,
     source_folder,
 )
+from jaxppo.runtime import is_primary, on_primary
 
 
 def fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg) -> dict:
@@ -66,7 +69,7 @@ class RunDir:
         """To train.log and the console once open; to the console before."""
         if self.logger is not None:
             self.logger.log(message)
-        else:
+        elif is_primary():
             print(message, flush=True)
 
     def open(self, resume: str | None, target, on_restore=None):
@@ -85,23 +88,11 @@ class RunDir:
                     saved = saved.replace(train=dataclasses.replace(saved.train, output_dir=c.train.output_dir))
                 changes = resume_changes(saved, c, str(source))
         continuing = source is not None and same_folder(source, self.path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"train.output_dir={str(self.path)!r} is a file, not a directory",
-                              keys=("train.output_dir",))
-        self.lock.check()
-        if not continuing:
-            check_fresh(self.path, self.overwrite)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"train.output_dir={str(self.path)!r}: cannot create the run directory "
-                              f"({e.strerror or e})", keys=("train.output_dir",)) from None
         notes = []
-        self.lock.acquire(notes.append)
+        # several processes: process 0 alone checks, creates and locks the folder; the others wait for it
+        on_primary(lambda: self.take_folder(continuing, notes))
         state = host = None
         try:
-            if not continuing and holds_run(self.path):      # with overwrite (else check_fresh refused)
-                notes.append(f"--overwrite: moved the previous run in {self.path} to {move_aside(self.path)}")
             self.checkpointer = Checkpointer(self.path / "checkpoints", keep=c.train.keep_checkpoints,
                                              best_metric=c.early_stopping.metric, best_mode=c.early_stopping.mode)
             # restore (and refuse a checkpoint of another model) before config.yaml and the logs are written
@@ -114,15 +105,16 @@ class RunDir:
                                       f"into another --output-dir, or use --resume", keys=("train.output_dir",))
                 if on_restore is not None:
                     on_restore(state, host)
-            self.logger = TrainingLogger(self.path, tensorboard=c.logging.tensorboard, wandb=c.logging.wandb,
-                                         wandb_project=c.logging.wandb_project, wandb_mode=c.logging.wandb_mode,
-                                         config=config_to_dict(c))
+            self.logger = SilentLogger() if not is_primary() else \
+                TrainingLogger(self.path, tensorboard=c.logging.tensorboard, wandb=c.logging.wandb,
+                               wandb_project=c.logging.wandb_project, wandb_mode=c.logging.wandb_mode,
+                               config=config_to_dict(c))
         except BaseException:
             if self.checkpointer is not None:
                 self.checkpointer.close()
             self.lock.release()
             raise
-        if not continuing or not (self.path / CONFIG_FILE).exists():
+        if is_primary() and (not continuing or not (self.path / CONFIG_FILE).exists()):
             save_config(c, self.path / CONFIG_FILE)      # a resume keeps the run's own config.yaml
         for note in notes:
             self.log(note)
@@ -132,10 +124,32 @@ class RunDir:
             self.logger.truncate_after(step)
             self.log(f"resumed from step {step}")
             if changes:
-                if continuing:
+                if continuing and is_primary():
                     record_changes(self.path, step, changes, resume)
                 self.log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
                          + (" (recorded in overrides.jsonl beside config.yaml)" if continuing else ""))
+
+    def take_folder(self, continuing: bool, notes: list) -> None:
+        """Checks the folder (a file, a live lock, a fresh run into a run's folder unless
+        `overwrite`), creates it, takes its lock and moves an overwritten run aside."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"train.output_dir={str(self.path)!r} is a file, not a directory",
+                              keys=("train.output_dir",))
+        self.lock.check()
+        if not continuing:
+            check_fresh(self.path, self.overwrite)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.output_dir={str(self.path)!r}: cannot create the run directory "
+                              f"({e.strerror or e})", keys=("train.output_dir",)) from None
+        self.lock.acquire(notes.append)
+        try:
+            if not continuing and holds_run(self.path):      # with overwrite (else check_fresh refused)
+                notes.append(f"--overwrite: moved the previous run in {self.path} to {move_aside(self.path)}")
+        except BaseException:
+            self.lock.release()
+            raise
 
     def save(self, state, host: dict, metrics: dict | None = None, force: bool = False) -> bool:
         """A checkpoint of `state` and `host` (+ the fingerprint); the early-stopping metric, if any,

@@ -29,7 +29,7 @@ from jaxppo.config import PPOConfig, check_devices
 from jaxppo.data import tasks
 from jaxppo.data.prompts import PromptIterator, pad_prompts, run_datasets, tokenize_prompts
 from jaxppo.engine import programs as iteration
-from jaxppo.engine.mesh import shard_batch, shard_tree
+from jaxppo.engine.mesh import shard_batch, shard_tree, to_host
 from jaxppo.engine.optimizer import make_optimizer
 from jaxppo.engine.placement import Placement
 from jaxppo.engine.programs import Optimizers, make_programs
@@ -58,8 +58,8 @@ class PPOTrainer:
         """`resume_from_checkpoint`: "latest" or a checkpoint path; `overwrite`: see `RunDir`."""
         self.config = c = config or PPOConfig()
         runtime.configure(deterministic=c.train.deterministic)   # before anything starts JAX's backends
-        if os.environ.get("JAXPPO_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
-            jax.distributed.initialize()      # coordinator/process ids from the environment (SLURM, TPU, ...)
+        if os.environ.get("JAXPPO_DISTRIBUTED") == "1":
+            runtime.initialize_distributed()  # coordinator/process ids from the environment (SLURM, TPU, ...)
         self.resume_from = resume_from_checkpoint
         # bad input that needs no model: fail before loading (and, on accelerators, sharding) anything
         check_devices(c, jax.device_count(), jax.devices()[0].platform, jax.process_count())
@@ -125,7 +125,11 @@ class PPOTrainer:
 
     def export(self, path) -> str:
         """Write the current policy as an HF folder (config.json, model.safetensors, tokenizer)."""
-        model = nnx.merge(self.models.graphs.policy, self.state.policy)
+        # every process takes part in gathering FSDP shards held by other processes; process 0 writes
+        policy = self.state.policy if jax.process_count() == 1 else to_host(self.state.policy)
+        if not runtime.is_primary():
+            return str(path)
+        model = nnx.merge(self.models.graphs.policy, policy)
         with replaced_atomically(path) as tmp:      # never seen half-written
             hf.save_pretrained(model, self.tokenizer, str(tmp))
         return str(path)
@@ -155,7 +159,7 @@ class PPOTrainer:
         run = self.prepare_data(train_dataset, eval_dataset)
         start = self.open_run(run)
         self.signals.install()
-        bar = progress_bar(c, start)
+        bar = progress_bar(c, start) if runtime.is_primary() else None
         run.t_start = time.perf_counter()
         position = run.iterator.state_dict()      # the prompt position that goes with self.state
         try:
@@ -285,8 +289,10 @@ class PPOTrainer:
         if run.eval_job is not None:          # the evaluation started one step ago
             run.eval_metrics, run.eval_job = self.evaluator.join(run.eval_job, run.eval_prompts, logger), None
         if c.train.eval_every and done % c.train.eval_every == 0 and run.eval_prompts and done < c.train.total_steps:
-            # an evaluation overlaps the next step unless early stopping must see its result at once
-            if c.train.async_eval and not str(c.early_stopping.metric or "").startswith("eval/"):
+            # an evaluation overlaps the next step unless early stopping must see its result at once, or
+            # several processes run (they must dispatch their collectives in one order)
+            overlap = c.train.async_eval and jax.process_count() == 1
+            if overlap and not str(c.early_stopping.metric or "").startswith("eval/"):
                 run.eval_job = self.evaluator.start(run.eval_prompts, self.state.policy, done)
             else:
                 run.eval_metrics = self.evaluator.evaluate(run.eval_prompts, self.state.policy, done, logger)
@@ -325,7 +331,7 @@ class PPOTrainer:
         self.export(self.run_dir.path / "final_model")
         try:
             from jaxppo.run.plots import plot_run
-            plot_run(self.run_dir.path)
+            plot_run(self.run_dir.path) if runtime.is_primary() else None
         except Exception as e:  # noqa: BLE001 - plots never cost a finished run
             self.run_dir.log(f"warning: plotting failed: {type(e).__name__}: {e}")
         summary = {
