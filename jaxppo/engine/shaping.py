@@ -200,8 +200,8 @@ def group_metrics(scores, mask, kl, group_size: int) -> dict:
     frac_reward_zero_std, completions/mean_length, kl (mean per valid token)."""
     out = {"reward": scores.mean(), "completions/mean_length": mask.sum(-1).mean(), "kl": masked_mean(kl, mask)}
     if group_size > 1:
-        std = scores.reshape(-1, group_size).std(axis=1, ddof=1)                   # [N / G]
-        out.update({"reward_std": std.mean(), "frac_reward_zero_std": (std < 1e-6).mean(dtype=jnp.float32)})
+        std, frac_zero_std = adv.group_stats(scores, group_size)                  # [N / G], []
+        out.update({"reward_std": std.mean(), "frac_reward_zero_std": frac_zero_std})
     return out
 
 

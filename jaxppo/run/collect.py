@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.core.advantages import ZERO_STD_ATOL
 from jaxppo.data.dataset import PPODataset
 from jaxppo.data.prompts import PromptIterator
 from jaxppo.engine import programs as iteration
@@ -59,7 +60,7 @@ def collect_batch(programs, state, frozen, mesh, rewards: Callable, draw: Callab
             return exp, fn_scores, {}
         rounds.append((exp, fn_scores))
         total = fn_scores + np.asarray(to_host(exp.rm_scores), np.float32)
-        spread = total.reshape(-1, group_size).std(axis=1) > 1e-6              # [B] groups with a signal
+        spread = total.reshape(-1, group_size).std(axis=1) > ZERO_STD_ATOL     # [B] groups with a signal
         kept += [(r, g) for g in np.flatnonzero(spread)]
         dropped += [(r, g) for g in np.flatnonzero(~spread)]
         if len(kept) >= len(spread):
