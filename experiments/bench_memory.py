@@ -10,12 +10,20 @@ Variants (each in its own subprocess, so `ru_maxrss` is that variant's peak):
   d  rollout.forward_batch_size=2, optim.grad_accum_steps=4   (micro-batched forwards / update)
   e  b + c + d
   f  c + d (e without remat; not run unless asked for)
+LoRA (issue #25; not in the default set: `--variants a,g,h,i,j,k`):
+  g  model.lora.rank=16 (all-linear): the policy trains adapters over its frozen base (= the reference),
+     the critic is trained in full
+  h  g + model.lora.critic=true: the critic trains adapters (+ value head) over a frozen backbone too
+  i  GRPO full fine-tuning, no critic: algo.advantage=grpo, rollout.num_generations=2, train.batch_size=
+     half of --batch-size (the same number of responses per iteration)
+  j  i + model.lora.rank=16
+  k  g + model.ref_dtype=bfloat16 (the frozen base, i.e. the reference, stored in bf16; adapters fp32)
 
 The model is a random GPT-2 (hidden 768, 12 layers, 12 heads, MLP 3072, tied embeddings) with a
 16384-token embedding (~98M params) made once with `jaxppo.models.tiny.make_tiny` under
 ~/.cache/jaxppo/; its tokenizer has only 512 tokens. Policy, critic (the policy backbone with a
 fresh scalar head, `model.critic_init=policy`) and a separate frozen reference are loaded; the reward
-is the built-in `vowels` task. Workload: 8 prompts (<= 32 tokens) x 32 new tokens, 1 epoch x 1
+is the built-in `vowels` task (with LoRA there is no separate reference: the policy's frozen base is it). Workload: 8 prompts (<= 32 tokens) x 32 new tokens, 1 epoch x 1
 minibatch, 2 iterations (the first one compiles).
 
 One JSON line per variant, then a summary line. Per variant:
@@ -31,9 +39,15 @@ One JSON line per variant, then a summary line. Per variant:
                          counts a buffer once per jax.Array that views it: after the final orbax save
                          every TrainState buffer has a second view, so it reads state_mb too high
   live_buffers_unique_mb the same over distinct device buffers (unsafe_buffer_pointer)
-  state_mb / frozen_mb   bytes of the TrainState (params + Adam) and of the frozen reference
+  state_mb / frozen_mb   bytes of the TrainState (trained params + Adam) and of `trainer.frozen` (the
+                         reference = with LoRA the policy's base, and a LoRA critic's frozen backbone)
+  sizes                  parameter counts and bytes: policy_params / critic_params are the trained ones
+                         (with LoRA the adapters, + the value head for a LoRA critic), ref_params the
+                         frozen reference / LoRA base, critic_base_params a LoRA critic's frozen
+                         backbone; trainable_params / frozen_params their sums
   sec_per_iter           trainer.history[1]["time/iteration"] (the 2nd iteration; the 1st compiles)
-and the analytic float32 numbers (params of policy + critic + ref, Adam moments, gradients), so
+and the analytic float32 numbers (params of policy + critic + ref (+ critic base), Adam moments and
+gradients of the trained params only), so
 the rest of the peak is activations, XLA temporaries, compile-time memory and the Python/XLA runtime.
 
 The XLA persistent compilation cache is off in the workers (JAXPPO_COMPILATION_CACHE=0) so every
@@ -61,6 +75,14 @@ VARIANTS = {
     # not in the default set: e without remat (bf16 + micro-batching), for when remat cannot run
     "f": ("bf16 + micro-batch (e minus remat)", ["model.dtype=bfloat16", "model.ref_dtype=bfloat16",
                                                  "rollout.forward_batch_size=2", "optim.grad_accum_steps=4"]),
+    # LoRA (issue #25); "{half_batch}" is --batch-size // 2 (GRPO: same number of responses with G=2)
+    "g": ("PPO LoRA r16 (critic full)", ["model.lora.rank=16"]),
+    "h": ("PPO LoRA r16 + LoRA critic", ["model.lora.rank=16", "model.lora.critic=true"]),
+    "i": ("GRPO full fine-tuning", ["algo.advantage=grpo", "rollout.num_generations=2",
+                                    "train.batch_size={half_batch}"]),
+    "j": ("GRPO LoRA r16", ["algo.advantage=grpo", "rollout.num_generations=2", "train.batch_size={half_batch}",
+                            "model.lora.rank=16"]),
+    "k": ("PPO LoRA r16, bf16 frozen base", ["model.lora.rank=16", "model.ref_dtype=bfloat16"]),
 }
 BASE = ["model.dtype=float32", "model.remat=false", "rollout.forward_batch_size=null", "optim.grad_accum_steps=1"]
 
@@ -214,33 +236,43 @@ def worker(spec: dict) -> dict:
     trainer = PPOTrainer(cfg)
     rss_init = _maxrss_bytes()
 
-    st = trainer.state
+    st, fz = trainer.state, trainer.frozen
+    # trained: the policy (with LoRA its adapters) and the critic (a LoRA critic: adapters + value head);
+    # frozen: the reference (with LoRA the policy's base), a LoRA critic's backbone, a reward model
     sizes = {
+        "lora": trainer.models.lora is not None, "critic_lora": bool(trainer.models.graphs.critic_lora),
         "policy_params": _tree_count(st.policy), "critic_params": _tree_count(st.critic),
-        "ref_params": _tree_count(trainer.frozen.ref),
+        "ref_params": _tree_count(fz.ref), "critic_base_params": _tree_count(fz.critic_base),
+        "reward_model_params": _tree_count(fz.reward_model),
         "policy_bytes": _tree_bytes(st.policy), "critic_bytes": _tree_bytes(st.critic),
-        "ref_bytes": _tree_bytes(trainer.frozen.ref),
+        "ref_bytes": _tree_bytes(fz.ref), "critic_base_bytes": _tree_bytes(fz.critic_base),
         "adam_bytes": _tree_bytes((st.policy_opt, st.critic_opt)),
         "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(st.policy)}),
         "adam_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves((st.policy_opt, st.critic_opt))
                                if getattr(x, "ndim", 0) > 0}),
-        "ref_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(trainer.frozen.ref)}),
+        "ref_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(fz.ref)}),
     }
+    sizes["trainable_params"] = sizes["policy_params"] + sizes["critic_params"]
+    sizes["frozen_params"] = sizes["ref_params"] + sizes["critic_base_params"] + sizes["reward_model_params"]
     live0 = jax.live_arrays()
     live_init = sum(int(x.nbytes) for x in live0)
     live_init_unique = _unique_live_bytes(live0)
     del live0
-    del st
+    del st, fz
 
-    # ru_maxrss when the loop is over: the first (forced, final) checkpoint save marks the end
+    # ru_maxrss when the loop is over: the forced (final) checkpoint save marks the end; saves go
+    # through trainer.run_dir.save (a periodic one, not forced, only if an iteration ran past
+    # train.save_every_minutes)
     loop_peak = {}
-    orig_save = trainer.save_checkpoint
+    orig_save = trainer.run_dir.save
 
     def save_hook(*a, **k):
-        loop_peak.setdefault("rss", _maxrss_bytes())
+        if k.get("force"):
+            loop_peak.setdefault("rss", _maxrss_bytes())
+            sampler.enter("final")
         return orig_save(*a, **k)
 
-    trainer.save_checkpoint = save_hook
+    trainer.run_dir.save = save_hook
 
     # phase boundaries for the RSS sampler (the wrappers block on the outputs, which the trainer's
     # own next step - decoding the responses, fetching the metrics - would wait for anyway)
@@ -258,13 +290,6 @@ def worker(spec: dict) -> dict:
 
     iteration.rollout = phase_wrap("rollout", iteration.rollout)    # the trainer calls them through the module
     iteration.update = phase_wrap("update", iteration.update)
-    orig_save2 = trainer.save_checkpoint
-
-    def save_phase(*a, **k):
-        sampler.enter("final")
-        return orig_save2(*a, **k)
-
-    trainer.save_checkpoint = save_phase
     summary = trainer.train()
     live = jax.live_arrays()
     live_bytes = sum(int(x.nbytes) for x in live)
@@ -296,7 +321,7 @@ def worker(spec: dict) -> dict:
         "update_sec": h[1].get("time/update") if len(h) > 1 else None,
         "nonfinite": [r.get("nonfinite") for r in h],
         "scores": [r.get("objective/scores") for r in h],
-        "prompt_len": getattr(trainer, "_prompt_len", None),
+        "prompt_len": getattr(trainer.evaluator, "prompt_len", None),   # set by train(): the padded prompt length
         "steps": summary.get("steps"),
         "sizes": sizes,
         "wall_sec": time.perf_counter() - t_start,
@@ -308,18 +333,23 @@ def worker(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------- parent
 
-def analytic(n_policy: int, n_critic: int, n_ref: int) -> dict:
+def analytic(n_policy: int, n_critic: int, n_ref: int, n_critic_base: int = 0) -> dict:
+    """float32 sizes; n_policy / n_critic: the trained params (with LoRA the adapters), n_ref /
+    n_critic_base: the frozen ones (the reference = a LoRA policy's base; a LoRA critic's backbone)."""
     f32 = 4
+    trained, frozen = n_policy + n_critic, n_ref + n_critic_base
     return {
-        "params_fp32_mb": (n_policy + n_critic + n_ref) * f32 / _MB,      # policy + critic + ref
-        "adam_fp32_mb": 2 * (n_policy + n_critic) * f32 / _MB,            # mu + nu of policy + critic
-        "grads_fp32_mb": (n_policy + n_critic) * f32 / _MB,               # transient, in the update
-        "params_plus_adam_fp32_mb": (3 * n_policy + 3 * n_critic + n_ref) * f32 / _MB,
+        "trainable_params": trained, "frozen_params": frozen,
+        "params_fp32_mb": (trained + frozen) * f32 / _MB,                  # policy + critic + ref (+ critic base)
+        "adam_fp32_mb": 2 * trained * f32 / _MB,                           # mu + nu of the trained params
+        "grads_fp32_mb": trained * f32 / _MB,                              # transient, in the update
+        "params_plus_adam_fp32_mb": (3 * trained + frozen) * f32 / _MB,
     }
 
 
 def run_variant(key: str, args, mdir: str) -> dict:
     name, ov = VARIANTS[key]
+    ov = [o.format(half_batch=max(1, args.batch_size // 2)) for o in ov]
     spec = {"model_dir": mdir, "overrides": ov, "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
             "output_dir": os.path.join(args.run_root, key), "keep_run_dir": args.keep_run_dirs}
@@ -329,7 +359,8 @@ def run_variant(key: str, args, mdir: str) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=args.timeout)
-    row = {"variant": key, "name": name, "overrides": ov, "batch_size": args.batch_size,
+    batch = next((int(o.split("=", 1)[1]) for o in ov if o.startswith("train.batch_size=")), args.batch_size)
+    row = {"variant": key, "name": name, "overrides": ov, "batch_size": batch,
            "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length}
     result = None
     for line in proc.stdout.splitlines():
@@ -382,8 +413,10 @@ def main(argv=None) -> int:
         row = run_variant(k, args, mdir)
         if "sizes" in row:
             s = row["sizes"]
-            row["analytic"] = analytic(s["policy_params"], s["critic_params"], s["ref_params"])
-            row["measured_params_mb"] = (s["policy_bytes"] + s["critic_bytes"] + s["ref_bytes"]) / _MB
+            row["analytic"] = analytic(s["policy_params"], s["critic_params"], s["ref_params"],
+                                       s.get("critic_base_params", 0))
+            row["measured_params_mb"] = (s["policy_bytes"] + s["critic_bytes"] + s["ref_bytes"]
+                                         + s.get("critic_base_bytes", 0)) / _MB
             row["measured_adam_mb"] = s["adam_bytes"] / _MB
         rows.append(row)
         line = json.dumps(row)
@@ -398,9 +431,10 @@ def main(argv=None) -> int:
         if "error" in r:
             t["error"] = r["error"]
         else:
+            t.update({"trainable_params": r["sizes"]["trainable_params"], "frozen_params": r["sizes"]["frozen_params"]})
             t.update({k: (round(r[k], 2) if isinstance(r[k], float) else r[k])
                       for k in ("peak_rss_mb", "peak_rss_loop_mb", "steady_peak_rss_mb", "live_buffers_mb",
-                                "live_buffers_unique_mb", "sec_per_iter",
+                                "live_buffers_unique_mb", "state_mb", "frozen_mb", "sec_per_iter",
                                 "measured_params_mb", "measured_adam_mb")})
             if base is not None:
                 t["peak_rss_vs_a"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)

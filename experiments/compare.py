@@ -1,6 +1,6 @@
 """Interleave jaxppo and a peer in one run and print the ratio (this machine is noisy).
 
-    python experiments/compare.py rollout --rounds 5 --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models
+    python experiments/compare.py rollout --rounds 5 --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models [--devices N]
     python experiments/compare.py ppo     --rounds 3 --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models
     python experiments/compare.py grpo    --rounds 3 --model-dir ~/.cache/jaxppo-peers/tiny-ppo-models
 
@@ -44,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--peer-python", help=f"default {DEFAULT_PEER_PY} ({DEFAULT_GRPO_PEER_PY} for grpo)")
     ap.add_argument("--iters", type=int, help="default 10 (8 for grpo)")
     ap.add_argument("--mesh-data", type=int, default=1, help="grpo: bench_grpo.py --mesh-data")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="rollout: bench_rollout.py --devices (default: the devices the rollout samples on)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.peer_python is None:
@@ -54,7 +56,7 @@ def main(argv=None):
     common = ["--model-dir", args.model_dir, "--batch", "16", "--prompt-len", "16"]
     if args.what == "rollout":
         ours = [sys.executable, os.path.join(HERE, "bench_rollout.py"), *common, "--new-tokens", "32",
-                "--iters", str(max(args.iters, 10))]
+                "--iters", str(max(args.iters, 10)), "--devices", str(args.devices)]
         peer = [args.peer_python, os.path.join(HERE, "bench_rollout.py"), *common, "--new-tokens", "32",
                 "--iters", str(max(args.iters, 10)), "--impl", "transformers"]
         key, higher_is_better = "tokens_per_sec", True
@@ -83,6 +85,10 @@ def main(argv=None):
     ratio = a / b if higher_is_better else b / a
     summary = {"compare": args.what, "metric": key, "jaxppo_median": a, "peer_median": b,
                "speedup_jaxppo_over_peer": round(ratio, 3), "rounds": args.rounds}
+    if args.what == "rollout":                  # jaxppo's rate on one device, and the devices it sampled on
+        summary["jaxppo_tokens_per_sec_1_device_median"] = statistics.median(
+            x["tokens_per_sec_1_device"] for x in rows if x["side"] == "jaxppo")
+        summary["jaxppo_devices"] = rows[0]["devices"]
     for extra in ("cpu_sec_per_iter_median", "generated_tokens_per_sec"):   # where both sides report it
         if all(extra in x for x in rows):
             for side in ("jaxppo", "peer"):

@@ -91,3 +91,15 @@ def test_bench_grpo_prints_the_trl_peers_keys(tmp_path, capsys):
         2 * 2 * 4 / out["sec_per_iter_median"], rel=1e-2)
     assert set(out["phase_median_sec"]) == {"rollout", "reward", "update"}
     assert len(out["reward_mean_per_iter"]) == 2 and all(0 <= r <= 1 for r in out["reward_mean_per_iter"])
+
+
+@pytest.mark.slow
+def test_bench_packing_times_padded_and_packed_updates(capsys):
+    bench = _load("bench_packing")
+    out = bench.main(["--batch", "4", "--prompt-len", "4", "--response-length", "12", "--hidden", "64", "--layers", "1",
+                      "--vocab", "256", "--eos-prob", "0,0.3", "--max-tokens", "16", "--iters", "1"])
+    assert _json_line(capsys) == out and out["backend"] == "cpu" and out["max_tokens_per_microbatch"] == 16
+    full, short = out["points"]
+    assert full["response_fraction"] == 1.0 and short["real_token_fraction"] < full["real_token_fraction"]
+    for point in out["points"]:
+        assert point["padded_sec"] > 0 and point["packed_sec"] > 0 and point["packed_over_padded_cpu"] > 0

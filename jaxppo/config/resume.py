@@ -31,7 +31,8 @@ def _rules(rule: str, section: str, names: str) -> dict[str, str]:
 # and with its fields: `ppo.adaptive_kl` null -> set is a change of `ppo.adaptive_kl`)
 RULES: dict[str, str] = {
     **_rules(FIXED, "model", "policy tiny_arch reward_model critic_init critic dtype ref_dtype remat "
-                             "logits_chunk_mb"),
+                             "logits_chunk_mb lora lora.rank lora.alpha lora.dropout lora.target_modules "
+                             "lora.modules_to_save lora.critic"),
     **_rules(FIXED, "data", "prompts eval_prompts eval_fraction max_prompt_length truncation prompt_field "
                             "use_chat_template shuffle columns"),
     **_rules(FIXED, "reward", "task functions weights clip normalize overlong overlong.max_length "
@@ -50,7 +51,8 @@ RULES: dict[str, str] = {
                              "grad_accum_steps adam_b1 adam_b2 adam_eps plateau.metric plateau.mode "
                              "plateau.factor plateau.patience plateau.cooldown plateau.min_scale "
                              "plateau.rtol plateau.atol"),
-    **_rules(FIXED, "train", "batch_size seed deterministic mesh_data mesh_fsdp placement"),
+    **_rules(FIXED, "train", "batch_size seed deterministic mesh_data mesh_fsdp placement "
+                             "max_tokens_per_microbatch"),
     # total_steps: a linear/cosine schedule then decays over the new length from here on
     **_rules(CHANGEABLE, "train", "total_steps output_dir eval_every save_every save_every_minutes "
                                   "keep_checkpoints async_eval eval_batch_size max_nonfinite_steps "

@@ -13,6 +13,27 @@ from jaxppo.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraConfig(Section):
+    _prefix: ClassVar[str] = "model.lora"
+    rank: int = option(8, "rank r of every adapter", ge=1)
+    alpha: float = option(16.0, "scale numerator: the adapters' output is multiplied by alpha / rank", gt=0.0)
+    dropout: float = option(0.0, "dropout on the adapters' input in the update's training forward", ge=0.0, lt=1.0)
+    target_modules: list[str] = option(["all-linear"],
+        "HF projection names that get adapters (llama family: q_proj k_proj v_proj o_proj gate_proj up_proj "
+        "down_proj; gpt2: c_attn c_proj c_fc) or all-linear (every projection, never the LM head)")
+    modules_to_save: list[str] = option([],
+        "modules trained in full beside the adapters, PEFT's modules_to_save (llama family: norm embed_tokens "
+        "lm_head; gpt2: ln_f wte wpe): a random tiny model's output distribution can only sharpen through them")
+    critic: bool = option(False,
+        "the critic trains adapters (and its value head) over a frozen backbone too; false = a fully trained critic")
+
+    def _validate(self) -> None:
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty: name projections or all-linear",
+                              keys=("model.lora.target_modules",))
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig(Section):
     _prefix: ClassVar[str] = "model"
     policy: str = option("tiny",
@@ -34,6 +55,9 @@ class ModelConfig(Section):
     ref_dtype: str | None = option(None,
         "dtype of the frozen reference policy; null = same as dtype", choices=("float32", "bfloat16"))
     remat: bool = option(False, "rematerialize (gradient-checkpoint) each transformer block to save memory")
+    lora: LoraConfig | None = option(None,
+        "LoRA {rank, alpha, dropout, target_modules, critic}: train adapters over the frozen base (the reference "
+        "policy is the base with the adapters off: no second copy); null = full fine-tuning")
     logits_chunk_mb: int | None = option(None,
         "compute the LM head's float32 logits over response slices of at most this many MB, each "
         "recomputed in the backward (large vocabularies: the [batch, response, vocab] logits never "
@@ -162,6 +186,12 @@ class TrainConfig(Section):
         "meanwhile); early stopping on an eval/ metric always waits for it")
     eval_batch_size: int | None = option(None,
         "prompts per evaluation batch; null = all eval prompts at once, up to 4 x batch_size", ge=1)
+    max_tokens_per_microbatch: int | None = option(None,
+        "padding-free update: each minibatch's sequences (prompt without its left padding, response up "
+        "to its last valid token) are packed into rows of the padded length, and micro-batches of this "
+        "many tokens (whole rows, at least one) run only while they hold a sequence, so the update's "
+        "time follows the real tokens; replaces optim.grad_accum_steps' split. null = every response "
+        "padded to rollout.max_new_tokens", ge=1)
     max_nonfinite_steps: int = option(3, "stop after this many consecutive steps that skipped an optimizer step (non-finite loss or gradients)", ge=1)
     log_every: int = option(1, "write metrics every N iterations", ge=1)
     num_samples_logged: int = option(4, "generations written to samples.jsonl at each evaluation", ge=0)
@@ -259,6 +289,10 @@ class PPOConfig(Section):
             raise ConfigError(f"train.placement=separate puts the critic on devices of its own, but "
                               f"algo.advantage={adv} trains no critic: use auto or colocated",
                               keys=("train.placement", "algo.advantage"))
+        if self.train.max_tokens_per_microbatch is not None and a > 1:
+            raise ConfigError(f"train.max_tokens_per_microbatch={self.train.max_tokens_per_microbatch} sizes the "
+                              f"update's micro-batches itself: it replaces optim.grad_accum_steps={a} (set it to 1)",
+                              keys=("train.max_tokens_per_microbatch", "optim.grad_accum_steps"))
         if self.ppo.kl_in == "loss" and self.ppo.adaptive_kl is not None:
             raise ConfigError("ppo.adaptive_kl steers the KL penalty in the reward; with ppo.kl_in=loss the "
                               "coefficient is ppo.kl_coef, fixed", keys=("ppo.adaptive_kl", "ppo.kl_in"))

@@ -32,6 +32,7 @@ arrays back whole with `to_host` (rows on other processes' devices all-gathered)
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -142,6 +143,25 @@ def shard_batch(x, mesh: Mesh):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def replicate(tree, mesh: Mesh):
+    """`tree` whole on every device of `mesh` (FSDP shards all-gathered, leaves on other devices
+    copied over): one program or transfer per call. Leaves already there come back as they are."""
+    leaves = jax.tree.leaves(tree)
+    target = replicated(mesh)
+    if all(x.sharding.is_equivalent_to(target, x.ndim) for x in leaves):
+        return tree
+    devices = set(mesh.devices.flat)
+    if all(x.sharding.device_set == devices for x in leaves):
+        return _gather_program(mesh)(tree)        # the same devices: an all-gather (spans hosts)
+    return jax.device_put(tree, target)           # other devices (one process: placement separate)
+
+
+@functools.cache
+def _gather_program(mesh: Mesh):
+    """A compiled identity whose outputs are replicated on `mesh` (one per mesh and tree shape)."""
+    return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
 
 
 def to_host(tree):

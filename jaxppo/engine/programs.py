@@ -43,16 +43,22 @@ from jaxppo.engine.scoring import chunked, response_logprobs, response_values, r
 from jaxppo.engine.shaping import IterationMetrics, StepSettings, finish, prepare, sampling_key
 from jaxppo.engine.state import EvalOutput, Experience, Frozen, ModelGraphs, TrainState
 from jaxppo.engine.update import Objective, UpdateSettings, model_update, policy_objective, value_objective
+from jaxppo.models import lora
 from jaxppo.runtime import update_compiler_options
 
 
 # ---------------------------------------------------------------------------- the phases
 
 
-def sample_phase(policy_graph, sampling: SamplingParams, policy_params, prompt_ids, prompt_mask, key):
+def merge(graph, params, base=None):
+    """The model of `params` (with LoRA: the adapters, merged with their frozen `base`)."""
+    return lora.merge(graph, params, base)
+
+
+def sample_phase(policy_graph, sampling: SamplingParams, policy_params, prompt_ids, prompt_mask, key, base=None):
     """Sample R tokens (KV cache), G per prompt: (sample output, attention mask of prompt + response),
-    `[B*G, ...]` rows."""
-    policy = nnx.merge(policy_graph, policy_params)
+    `[B*G, ...]` rows. `base`: the frozen base of LoRA adapters (`policy_params`), else None."""
+    policy = merge(policy_graph, policy_params, base)
     out = sample(policy, prompt_ids, prompt_mask, key, sampling)
     if sampling.num_generations > 1:
         prompt_mask = jnp.repeat(prompt_mask, sampling.num_generations, axis=0)      # [B*G, P]
@@ -77,10 +83,10 @@ def score_phase(ref_graph, rm_graph, s: StepSettings, frozen: Frozen, tokens, at
     return ref_logprobs * mask, scores
 
 
-def values_phase(critic_graph, forward_batch_size, critic_params, tokens, attention_mask, mask):
+def values_phase(critic_graph, forward_batch_size, critic_params, tokens, attention_mask, mask, base=None):
     """The critic's values of a sampled batch `[B, R]` (0 on padding), on the critic's devices."""
     R = mask.shape[1]
-    critic = nnx.merge(critic_graph, critic_params)
+    critic = merge(critic_graph, critic_params, base)
     values = chunked(lambda t, a: response_values(critic, t, a, R).astype(jnp.float32),
                      forward_batch_size, tokens, attention_mask)
     return values * mask
@@ -91,20 +97,21 @@ def evaluate_phase(graphs: ModelGraphs, s: StepSettings, policy_params, frozen: 
     """Sample one response per prompt with `key` (fixed by the caller) and score it: what an
     evaluation reports, nothing more."""
     sampling = dataclasses.replace(s.sampling, num_generations=1)
-    out, attn = sample_phase(graphs.policy, sampling, policy_params, prompt_ids, prompt_mask, key)
+    out, attn = sample_phase(graphs.policy, sampling, policy_params, prompt_ids, prompt_mask, key,
+                             graphs.policy_base(frozen))
     ref_logprobs, scores = score_phase(graphs.ref, graphs.reward_model, s, frozen, out.tokens, attn, out.response,
                                        out.mask)
     kl = (kl_per_token(out.logprobs, ref_logprobs, s.kl_estimator) * out.mask).sum(-1)   # as training's objective/kl
     return EvalOutput(response=out.response, mask=out.mask, kl=kl, rm_scores=scores)
 
 
-def optimise(objective: Objective, graph, tx, schedule, s: UpdateSettings, params, opt_state, batch, perm_key,
-             plateau_value, count):
-    """One model's E x M optimiser steps (`update.model_update`), and the learning rate they
-    started from (a metric)."""
+def optimise(objective: Objective, graph, tx, schedule, s: UpdateSettings, dropout: bool, params, opt_state, batch,
+             perm_key, plateau_value, count, base=None):
+    """One model's E x M optimiser steps (`update.model_update`; with LoRA `params` are the adapters
+    and `base` their frozen base), and the learning rate they started from (a metric)."""
     lr = current_lr(schedule, opt_state, count)
     params, opt_state, stats = model_update(objective, graph, params, opt_state, batch, perm_key, tx, s,
-                                            plateau_value)
+                                            plateau_value, base=base, dropout=dropout)
     return params, opt_state, (stats, lr)
 
 
@@ -135,6 +142,7 @@ class Programs(NamedTuple):
     finish: Callable          # (small state, aux, policy out, critic out) -> (kl, moments, step, IterationMetrics)
     placement: Placement
     settings: StepSettings
+    graphs: ModelGraphs       # (with LoRA, which frozen params each trained model merges with)
 
     @property
     def steps_per_iteration(self) -> int:
@@ -152,16 +160,17 @@ class Programs(NamedTuple):
 
 
 def make_programs(settings: StepSettings, graphs: ModelGraphs, optimizers: Optimizers, placement: Placement,
-                  policy_shardings=None, critic_shardings=None) -> Programs:
+                  policy_shardings=None, critic_shardings=None, lora_dropout: bool = False) -> Programs:
     """Jit every phase with its static settings bound. policy_shardings / critic_shardings: the
     (params, optimiser state) shardings each update program pins its outputs to
-    (`Placement.pinned_shardings`; None: one device, nothing to pin). Without a critic
+    (`Placement.pinned_shardings`; None: one device, nothing to pin); `lora_dropout`: the adapters'
+    dropout is on in the update's training forwards (`model.lora.dropout` > 0). Without a critic
     (`graphs.critic` None: the critic-free estimators) there are no `values` and `critic_update`."""
     s, options = settings, update_compiler_options()
     critic = graphs.critic is not None
 
-    def update_program(objective, graph, tx, schedule, shardings):
-        return jax.jit(functools.partial(optimise, objective, graph, tx, schedule, s.update),
+    def update_program(objective, graph, tx, schedule, shardings, dropout=False):
+        return jax.jit(functools.partial(optimise, objective, graph, tx, schedule, s.update, dropout),
                        donate_argnums=(0, 1), out_shardings=None if shardings is None else (*shardings, None),
                        compiler_options=options)
 
@@ -174,11 +183,11 @@ def make_programs(settings: StepSettings, graphs: ModelGraphs, optimizers: Optim
         sampling_key=jax.jit(functools.partial(sampling_key)),   # (a partial: jit caches per function object)
         prepare=jax.jit(functools.partial(prepare, s)),
         policy_update=update_program(policy_objective(s.update, s.sampling.scoring_temperature), graphs.policy,
-                                     o.policy_tx, o.policy_schedule, policy_shardings),
+                                     o.policy_tx, o.policy_schedule, policy_shardings, lora_dropout),
         critic_update=update_program(value_objective(s.update), graphs.critic, o.critic_tx, o.critic_schedule,
-                                     critic_shardings) if critic else None,
+                                     critic_shardings, lora_dropout and graphs.critic_lora) if critic else None,
         finish=jax.jit(functools.partial(finish, s)),
-        placement=placement, settings=s)
+        placement=placement, settings=s, graphs=graphs)
 
 
 # ---------------------------------------------------------------------------- an iteration
@@ -189,19 +198,20 @@ def _small(state: TrainState):
     return state.kl, state.reward_moments, state.rng, state.step
 
 
-def _values_args(p: Programs, state: TrainState, tokens, attn, mask):
+def _values_args(p: Programs, state: TrainState, frozen: Frozen, tokens, attn, mask):
     """What `values` takes: the critic's params and the sampled rows on the critic's mesh."""
     rows, _ = p.placement.to_critic((tokens, attn, mask))
-    return (state.critic, *rows)
+    return (state.critic, *rows, p.graphs.critic_base(frozen))
 
 
-def _update_args(p: Programs, state: TrainState, batch, perm_key, plateau_value):
+def _update_args(p: Programs, state: TrainState, frozen: Frozen, batch, perm_key, plateau_value):
     """What `policy_update` and `critic_update` take, the critic's on the critic's mesh."""
     scalars = (perm_key, plateau_value, state.step * p.steps_per_iteration)
+    policy = (state.policy, state.policy_opt, batch, *scalars, p.graphs.policy_base(frozen))
     if not p.has_critic:
-        return (state.policy, state.policy_opt, batch, *scalars), None
+        return policy, None
     cbatch, cscalars = p.placement.to_critic(batch, scalars)
-    return (state.policy, state.policy_opt, batch, *scalars), (state.critic, state.critic_opt, cbatch, *cscalars)
+    return policy, (state.critic, state.critic_opt, cbatch, *cscalars, p.graphs.critic_base(frozen))
 
 
 def iteration_key(p: Programs, state: TrainState):
@@ -217,8 +227,10 @@ def rollout(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_m
     reference and reward-model forwards on the policy's devices and the critic's values on the
     critic's, side by side when those differ. Dispatch only: no host sync."""
     key = iteration_key(p, state) if key is None else key
-    out, attn = p.sample(state.policy, prompt_ids, prompt_mask, key)
-    values = p.values(*_values_args(p, state, out.tokens, attn, out.mask)) if p.has_critic else None
+    args = p.placement.to_sampler(state.policy, prompt_ids, prompt_mask, key, p.graphs.policy_base(frozen),
+                                  p.settings.sampling.num_generations)
+    out, attn = p.placement.from_sampler(p.sample(*args))      # sampled where `Placement.sample_mesh` says
+    values = p.values(*_values_args(p, state, frozen, out.tokens, attn, out.mask)) if p.has_critic else None
     ref_logprobs, scores = p.score(frozen, out.tokens, attn, out.response, out.mask)
     if values is not None:
         values, _ = p.placement.to_policy(values)
@@ -227,13 +239,16 @@ def rollout(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_m
                       num_steps=out.num_steps)
 
 
-def update(p: Programs, state: TrainState, exp: Experience, fn_scores) -> tuple[TrainState, IterationMetrics]:
+def update(p: Programs, state: TrainState, exp: Experience, fn_scores,
+           frozen: Frozen | None = None) -> tuple[TrainState, IterationMetrics]:
     """One PPO update: `prepare` (rewards, GAE, advantages) -> the policy's and the critic's
     optimiser steps (two programs; side by side when the critic has devices of its own) ->
     `finish` (metrics, KL controller). The state is donated. Dispatch only: no host sync."""
     small = _small(state)
     batch, perm_key, plateau_value, aux = p.prepare(small, exp, fn_scores)
-    policy_args, critic_args = _update_args(p, state, batch, perm_key, plateau_value)
+    if frozen is None and (p.graphs.lora or p.graphs.critic_lora):
+        raise ValueError("update: LoRA adapters need `frozen` (their base parameters)")
+    policy_args, critic_args = _update_args(p, state, frozen, batch, perm_key, plateau_value)
     policy, policy_opt, pout = p.policy_update(*policy_args)
     critic, critic_opt, cout = state.critic, state.critic_opt, None
     if p.has_critic:
@@ -251,12 +266,15 @@ def lower(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_mas
     `prepare`, whose outputs the update programs take."""
     small = _small(state)
     batch, perm_key, plateau_value, _ = p.prepare(small, exp, fn_scores)
-    policy_args, critic_args = _update_args(p, state, batch, perm_key, plateau_value)
-    lowered = {"sample": p.sample.lower(state.policy, prompt_ids, prompt_mask, key),
+    policy_args, critic_args = _update_args(p, state, frozen, batch, perm_key, plateau_value)
+    sample_args = p.placement.to_sampler(state.policy, prompt_ids, prompt_mask, key, p.graphs.policy_base(frozen),
+                                         p.settings.sampling.num_generations)
+    lowered = {"sample": p.sample.lower(*sample_args),
                "score": p.score.lower(frozen, exp.tokens, exp.attention_mask, exp.response, exp.mask),
                "prepare": p.prepare.lower(small, exp, fn_scores),
                "policy_update": p.policy_update.lower(*policy_args)}
     if p.has_critic:
-        lowered["values"] = p.values.lower(*_values_args(p, state, exp.tokens, exp.attention_mask, exp.mask))
+        lowered["values"] = p.values.lower(*_values_args(p, state, frozen, exp.tokens, exp.attention_mask,
+                                                         exp.mask))
         lowered["critic_update"] = p.critic_update.lower(*critic_args)
     return lowered

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxppo.engine.mesh import replicate, replicated, shard_batch
+
 NEG_INF = -1e30
 
 
@@ -101,7 +103,9 @@ class _LoopState:
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Top-k then nucleus (top-p) truncation of `logits [B, V]`; removed entries get -inf-ish."""
     if top_k > 0 and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]                   # [B, 1]
+        # the k-th largest by a sort, not lax.top_k: XLA's partitioner gathers every row onto every
+        # device for its TopK (once per decode step), while a sort along V splits by rows
+        kth = jnp.sort(logits, axis=-1)[:, -top_k][:, None]               # [B, 1]
         logits = jnp.where(logits < kth, NEG_INF, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]                # [B, V] descending
@@ -220,7 +224,13 @@ def generate_program(graphdef, state, prompt_ids, prompt_mask, key, params):
     return sample(model, prompt_ids, prompt_mask, key, params)
 
 
-def generate(model, prompt_ids, prompt_mask, key, params: SamplingParams) -> RolloutOutput:
-    """Jitted sampling from an NNX model; compiled once per (model graph, shapes, params)."""
+def generate(model, prompt_ids, prompt_mask, key, params: SamplingParams, mesh=None) -> RolloutOutput:
+    """Jitted sampling from an NNX model; compiled once per (model graph, shapes, params, devices).
+    With a `mesh`, data parallel: the rows split over all its devices, each holding a replica of
+    the parameters (copied there on every call, as the rollout does); the same tokens as on one."""
     graphdef, state = nnx.split(model)
-    return generate_program(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, params)
+    ids, mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+    if mesh is not None:
+        state, ids, mask = replicate(state, mesh), shard_batch(ids, mesh), shard_batch(mask, mesh)
+        key = jax.device_put(key, replicated(mesh))
+    return generate_program(graphdef, state, ids, mask, key, params)

@@ -53,9 +53,16 @@ def response_logprobs(model, tokens, attention_mask, response, temperature: floa
     slices of the response positions whose float32 logits fit `chunk_bytes`, each slice recomputed
     in the backward pass (`jax.checkpoint`): memory O(B x slice x V) instead of O(B x R x V) (5 GB
     for 32 x 256 tokens of a 152k vocabulary), for one more head matmul in the backward."""
-    B, R = response.shape
-    tokens, attention_mask, rows = predicting_prefix(tokens, attention_mask, R)
+    tokens, attention_mask, rows = predicting_prefix(tokens, attention_mask, response.shape[1])
     h = model.hidden_states(tokens, attention_mask, outputs_at=rows)  # [B, R, H]
+    return head_logprobs(model, h, response, temperature, entropy=entropy, chunk_bytes=chunk_bytes)
+
+
+def head_logprobs(model, h, response, temperature: float, *, entropy: bool = False, chunk_bytes: int | None = None):
+    """The head part of `response_logprobs`: hidden states `[B, R, H]` at the positions that predict
+    `response [B, R]` -> (log-probs, entropies or None), `[B, R]` float32, in slices of
+    `chunk_bytes` of logits as there."""
+    B, R = response.shape
 
     def stats(h, tok):
         logits = model.apply_head(h).astype(jnp.float32) / temperature

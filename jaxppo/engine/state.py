@@ -31,8 +31,9 @@ class TrainState:
 class Frozen:
     """Parameters that never change during training."""
 
-    ref: Any                  # nnx.State of the reference policy
+    ref: Any                  # nnx.State of the reference policy (with LoRA: the base the adapters sit on)
     reward_model: Any         # nnx.State of the reward model, or None
+    critic_base: Any = None   # with a LoRA critic: its frozen backbone (on the critic's devices), else None
 
 
 @struct.dataclass
@@ -63,6 +64,15 @@ class ModelGraphs(NamedTuple):
     critic: Any                # None for the critic-free estimators
     ref: Any
     reward_model: Any          # None without a reward model
+    lora: bool = False         # the policy's trained params are adapters over `Frozen.ref` (model.lora)
+    critic_lora: bool = False  # the critic's are adapters (+ value head) over `Frozen.critic_base`
+
+    def policy_base(self, frozen: Frozen):
+        """What the policy's trained params are merged with: the frozen base with LoRA, else None."""
+        return frozen.ref if self.lora else None
+
+    def critic_base(self, frozen: Frozen):
+        return frozen.critic_base if self.critic_lora else None
 
 
 def init_train_state(policy_params, critic_params, txs, seed: int, kl_coef: float) -> TrainState:

@@ -19,6 +19,9 @@ Dividing the micro-batch token sums by the minibatch's token count N makes gradi
 exact: the summed gradient equals the gradient of the big minibatch's token mean, whatever the
 response lengths (averaging micro-batch means would weight short responses up).
 
+With `max_tokens_per_microbatch` set, the micro-batches are packed rows without padding instead
+(`engine.microbatch`), with the same results up to float rounding.
+
 Metrics are token-weighted means over every minibatch of every epoch, not the last one.
 """
 
@@ -37,7 +40,9 @@ from jaxppo.core.losses import aggregate_denominator, aggregate_numerator, polic
 from jaxppo.core.rewards import kl_per_token
 from jaxppo.core.masked import masked_sum
 from jaxppo.engine.optimizer import global_norm
-from jaxppo.engine.scoring import response_logprobs, response_values
+from jaxppo.engine.microbatch import packed_gradients, packed_objective
+from jaxppo.engine.scoring import head_logprobs, response_logprobs, response_values
+from jaxppo.models.lora import merge as lora_merge, set_dropout_key
 
 
 @struct.dataclass
@@ -72,6 +77,7 @@ class UpdateSettings:
     loss_agg: str = "token-mean"            # core.losses.aggregate mode of the policy loss
     kl_coef: float = 0.0                    # weight of the KL term in the policy loss (ppo.kl_in=loss)
     kl_estimator: str = "k3"                # its per-token estimator
+    max_tokens_per_microbatch: int | None = None   # packed, padding-free micro-batches (engine.microbatch)
 
     @classmethod
     def from_config(cls, config) -> UpdateSettings:
@@ -80,7 +86,8 @@ class UpdateSettings:
                    clip_eps=p.clip_eps, clip_value=p.clip_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
                    logits_chunk_bytes=None if chunk_mb is None else chunk_mb * 2**20,
                    clip_eps_high=p.clip_eps_high, dual_clip=p.dual_clip, loss_agg=config.algo.loss_agg,
-                   kl_coef=p.kl_coef if p.kl_in == "loss" else 0.0, kl_estimator=config.kl_estimator)
+                   kl_coef=p.kl_coef if p.kl_in == "loss" else 0.0, kl_estimator=config.kl_estimator,
+                   max_tokens_per_microbatch=config.train.max_tokens_per_microbatch)
 
     @property
     def plain_token_mean(self) -> bool:
@@ -120,11 +127,15 @@ class Objective(NamedTuple):
     """One model's share of the objective: `loss(model, mb, norm) -> (loss, sums)`, the micro-batch's
     share of the loss given `norm = denominator(minibatch mask)` (so that the micro-batches' losses
     add up to the minibatch's loss exactly); `guard(sums)` is the sum whose non-finiteness (or the
-    gradient norm's) skips an optimiser step."""
+    gradient norm's) skips an optimiser step. `loss` is `from_outputs(forward(model, mb), mb, norm)`,
+    and `head(model, h, response)` is that forward's last part, from the hidden states `[B, R, H]`
+    at the positions predicting the response (`engine.microbatch` runs the trunk on packed rows)."""
 
     loss: Callable
     guard: Callable
     denominator: Callable
+    head: Callable             # (model, h [B, R, H], response [B, R]) -> per-token outputs [B, R]
+    from_outputs: Callable     # (outputs [B, R], mb, norm) -> (loss, sums)
 
 
 def token_count(mask) -> jax.Array:
@@ -138,9 +149,15 @@ def policy_objective(s: UpdateSettings, temperature: float) -> Objective:
     (`core.losses.aggregate`), under softmax(logits / temperature), the distribution the sampler
     drew from. The classic case is `(Σ pg_tok - ent_coef Σ ent_tok) / N`."""
 
+    def head(model, h, response):
+        return head_logprobs(model, h, response, temperature, entropy=True, chunk_bytes=s.logits_chunk_bytes)
+
     def loss(model, mb: PPOBatch, norm):
-        logprobs, ent = response_logprobs(model, mb.tokens, mb.attention_mask, mb.response, temperature,
-                                          entropy=True, chunk_bytes=s.logits_chunk_bytes)
+        return from_outputs(response_logprobs(model, mb.tokens, mb.attention_mask, mb.response, temperature,
+                                              entropy=True, chunk_bytes=s.logits_chunk_bytes), mb, norm)
+
+    def from_outputs(outputs, mb: PPOBatch, norm):
+        logprobs, ent = outputs
         if s.plain_token_mean:
             _, pg = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, s.clip_eps)
         else:
@@ -164,19 +181,22 @@ def policy_objective(s: UpdateSettings, temperature: float) -> Objective:
 
     return Objective(loss, guard=lambda sums: sums.pg_loss,
                      denominator=token_count if s.plain_token_mean else
-                     lambda mask: aggregate_denominator(mask, s.loss_agg))
+                     lambda mask: aggregate_denominator(mask, s.loss_agg), head=head, from_outputs=from_outputs)
 
 
 def value_objective(s: UpdateSettings) -> Objective:
     """`vf_coef Σ vf_tok / N`: the clipped value loss (TRL's factor 0.5 is inside `value_loss`)."""
 
     def loss(model, mb: PPOBatch, n_tokens):
-        values = response_values(model, mb.tokens, mb.attention_mask, mb.response.shape[1])
+        return from_outputs(response_values(model, mb.tokens, mb.attention_mask, mb.response.shape[1]), mb, n_tokens)
+
+    def from_outputs(values, mb: PPOBatch, n_tokens):
         _, vf = value_loss(values, mb.old_values, mb.returns, mb.mask, s.clip_value)
         sums = ValueSums(vf_loss=vf["loss_sum"], vf_clipfrac=vf["clipfrac_sum"], tokens=vf["count"])
         return s.vf_coef * vf["loss_sum"] / n_tokens, sums
 
-    return Objective(loss, guard=lambda sums: sums.vf_loss, denominator=token_count)
+    return Objective(loss, guard=lambda sums: sums.vf_loss, denominator=token_count,
+                     head=lambda model, h, response: model.apply_head(h), from_outputs=from_outputs)
 
 
 class StepStats(NamedTuple):
@@ -199,9 +219,13 @@ def minibatch_permutations(key, batch_size: int, s: UpdateSettings) -> jax.Array
 
 
 def model_update(objective: Objective, graphdef, params, opt_state, batch: PPOBatch, key, tx,
-                 s: UpdateSettings, plateau_value=None):
+                 s: UpdateSettings, plateau_value=None, base=None, dropout: bool = False):
     """All epochs and minibatches of one model's optimiser steps on `objective`. Pure; jit it (the
     iteration does, one program per model: `engine.programs`).
+
+    With LoRA, `params` are the adapters (all that is differentiated and stepped) and `base` the
+    frozen parameters merged with them; `dropout` turns the adapters' dropout on, with a key per
+    micro-batch drawn from `key` (the minibatch permutations stay those of `key`).
 
     A step whose loss or gradient is not finite is skipped: the weights and the optimiser state
     stay as they were (`optax.apply_if_finite`'s rule, decided before the step so that XLA can
@@ -212,31 +236,46 @@ def model_update(objective: Objective, graphdef, params, opt_state, batch: PPOBa
     if B % (M * A):
         raise ValueError(f"batch {B} must divide into {M} minibatches x {A} micro-batches")
     micro = B // (M * A)
+    if s.max_tokens_per_microbatch:     # micro-batches of packed rows (engine.microbatch): the loss takes those
+        objective = packed_objective(objective)
 
-    def micro_loss(params, mb, norm):
-        return objective.loss(nnx.merge(graphdef, params), mb, norm)
+    def micro_loss(params, mb, norm, dropout_key=None):
+        model = lora_merge(graphdef, params, base)
+        if dropout_key is not None:
+            set_dropout_key(model, dropout_key)
+        return objective.loss(model, mb, norm)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     extra = {} if plateau_value is None else {"value": plateau_value}
     tx = optax.with_extra_args_support(tx)
 
-    def minibatch_step(carry, idx):                      # idx [B/M]
-        params, opt_state = carry
-        mb = _take(batch, idx)
-        norm = objective.denominator(mb.mask)            # the minibatch's, shared by its micro-batches
+    def padded_gradients(params, mb, norm, step_key):     # A micro-batches of B/(M A) rows of P+R
         micro_batches = jax.tree.map(lambda x: x.reshape((A, micro) + x.shape[1:]), mb)  # [A, micro, ...]
 
-        def accumulate(acc, mbi):
-            (_, sums), grads = grad_fn(params, mbi, norm)
+        def accumulate(acc, xs):
+            mbi, i = xs
+            dropout_key = None if step_key is None else jax.random.fold_in(step_key, i)
+            (_, sums), grads = grad_fn(params, mbi, norm, dropout_key)
             return jax.tree.map(jnp.add, acc, (grads, sums)), None
 
         first = jax.tree.map(lambda x: x[0], micro_batches)
         sums_shape = jax.eval_shape(micro_loss, params, first, norm)[1]
         zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape))
         if A == 1:
-            (grads, sums), _ = accumulate(zeros, first)
+            (grads, sums), _ = accumulate(zeros, (first, 0))
         else:
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(A)))
+        return grads, sums
+
+    def minibatch_step(carry, xs):                       # idx [B/M] (and the step's dropout key)
+        params, opt_state = carry
+        idx, step_key = xs if dropout else (xs, None)
+        mb = _take(batch, idx)
+        norm = objective.denominator(mb.mask)            # the minibatch's, shared by its micro-batches
+        if s.max_tokens_per_microbatch:
+            grads, sums = packed_gradients(grad_fn, params, mb, norm, s.max_tokens_per_microbatch, step_key)
+        else:
+            grads, sums = padded_gradients(params, mb, norm, step_key)
         norm = global_norm(grads)
         finite = jnp.isfinite(norm) & jnp.isfinite(objective.guard(sums))
 
@@ -249,11 +288,14 @@ def model_update(objective: Objective, graphdef, params, opt_state, batch: PPOBa
         carry = jax.lax.cond(finite, apply, lambda ops: ops[:2], (params, opt_state, grads))
         return carry, StepStats(sums=sums, grad_norm=norm, skipped=1.0 - finite.astype(jnp.float32))
 
-    def epoch_step(carry, perm):                         # perm [M, B/M]
+    def epoch_step(carry, perm):                         # perm [M, B/M] (and [M] step keys)
         return jax.lax.scan(minibatch_step, carry, perm)
 
-    (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state),
-                                              minibatch_permutations(key, B, s))
+    perms = minibatch_permutations(key, B, s)
+    if dropout:        # one key per optimiser step, apart from the permutations' stream
+        steps = jax.random.split(jax.random.fold_in(key, 1), s.epochs * M)
+        perms = (perms, steps.reshape((s.epochs, M) + steps.shape[1:]))
+    (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state), perms)
     return params, opt_state, stats
 
 

@@ -33,13 +33,13 @@ from jaxppo.models.hf_config import (
     config_to_hf,
 )
 from jaxppo.models.hf_layout import hf_tensor_shapes, iter_hf_tensor_specs
-from jaxppo.models.hf_weights import load_model, to_hf_tensors
+from jaxppo.models.hf_weights import load_model, to_hf_tensors, weights_fingerprint
 from jaxppo.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelLoadError", "Transformer", "TransformerConfig", "config_from_hf", "config_to_hf",
     "hf_tensor_shapes", "iter_hf_tensor_specs", "load_backbone_with_fresh_head", "load_causal_lm", "load_model",
-    "load_reward_model", "load_tokenizer", "save_pretrained", "to_hf_tensors",
+    "load_reward_model", "load_tokenizer", "save_pretrained", "to_hf_tensors", "weights_fingerprint",
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

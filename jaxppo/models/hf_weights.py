@@ -194,3 +194,24 @@ def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
             out[key] = np.ascontiguousarray(part.T if entry.kind == "linear" else part)
             assert out[key].shape == shape, (key, out[key].shape, shape)
     return out
+
+
+def weights_fingerprint(folder: str, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A hash of a folder's safetensors files that changes when the weights do: every file's name,
+    size and header (tensor names, dtypes, shapes) and `samples` chunks of its bytes spread over
+    it. Reads ~1 MB per file whatever its size (a LoRA checkpoint names its base by this)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    for name in files:
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header, size)))
+            for i in range(samples):
+                f.seek((size - chunk) * i // max(samples - 1, 1) if size > chunk else 0)
+                digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]

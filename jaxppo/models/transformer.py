@@ -208,6 +208,21 @@ class Transformer(nnx.Module):
         h, _ = self._trunk(input_ids, positions_from_mask(attention_mask), mask, rows=_rows(outputs_at, s))
         return h
 
+    def packed_hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
+                             outputs_at=None) -> jax.Array:
+        """Final-norm hidden states of rows that hold several sequences each (`[B, S]` ids,
+        `segment_ids` 1, 2, ... per sequence and 0 on empty slots, `positions` restarting at 0 with
+        each sequence) -> `[B, S, H]`, or `[B, Q, H]` with `outputs_at`. A token attends to the
+        earlier tokens of its own sequence only (a block-diagonal causal mask), so each sequence's
+        states equal those `hidden_states` gives it alone, left-padded or not."""
+        self._check(input_ids, segment_ids, "packed_hidden_states")
+        s = input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((s, s), jnp.bool_))  # [S, S]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, S, S]
+        mask = causal[None, :, :] & same & (segment_ids > 0)[:, None, :]  # [B, S, S]
+        h, _ = self._trunk(input_ids, positions, mask, rows=_rows(outputs_at, s))
+        return h
+
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  outputs_at=None) -> jax.Array:
         """`input_ids [B, S]`, `attention_mask [B, S]` (1 = token, 0 = padding) -> logits `[B, S, V]`

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
@@ -27,6 +26,7 @@ import jax
 from jaxppo.config import PPOConfig, config_to_dict, save_config
 from jaxppo.config.resume import resume_changes
 from jaxppo.errors import ConfigError
+from jaxppo.models.hf import weights_fingerprint
 from jaxppo.run.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxppo.run.logger import SilentLogger, TrainingLogger
 from jaxppo.run.runfolder import (
@@ -43,11 +43,16 @@ from jaxppo.run.runfolder import (
 from jaxppo.runtime import is_primary, on_primary
 
 
-def fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg) -> dict:
-    """What a checkpoint must agree on with the config that resumes it."""
-    return {"policy": cfg.model.policy, "policy_arch": dataclasses.asdict(policy_cfg),
-            "critic_arch": None if critic_cfg is None else dataclasses.asdict(critic_cfg), "reward_model": cfg.model.reward_model,
-            "critic_init": cfg.model.critic_init, "critic": cfg.model.critic}
+def fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg, lora_base: str | None = None) -> dict:
+    """What a checkpoint must agree on with the config that resumes it. With LoRA the checkpoint
+    holds the adapters only: `lora_base` (the policy's folder) is fingerprinted by its weights."""
+    out = {"policy": cfg.model.policy, "policy_arch": dataclasses.asdict(policy_cfg),
+           "critic_arch": None if critic_cfg is None else dataclasses.asdict(critic_cfg),
+           "reward_model": cfg.model.reward_model, "critic_init": cfg.model.critic_init, "critic": cfg.model.critic}
+    if lora_base is not None:
+        out["lora"] = dataclasses.asdict(cfg.model.lora)
+        out["base_weights"] = weights_fingerprint(lora_base)
+    return out
 
 
 class RunDir:
@@ -239,11 +244,6 @@ class RunDir:
 def abstract(tree):
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def param_count(params) -> int:
-    """Elements in a pytree of arrays (the log's parameter counts)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
 def first_difference(key: str, got, want) -> str:

@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import jax
-from flax import nnx
 
 from jaxppo import runtime
 from jaxppo.config import PPOConfig, check_devices
@@ -36,14 +35,12 @@ from jaxppo.engine.programs import Optimizers, make_programs
 from jaxppo.engine.shaping import StepSettings
 from jaxppo.engine.state import init_train_state
 from jaxppo.errors import ConfigError, DataError, JaxppoError
-from jaxppo.models import hf
 from jaxppo.run.collect import RunProgress, collect_batch
 from jaxppo.run.early_stopping import EarlyStopping
 from jaxppo.run.evaluation import Evaluator, format_metrics
 from jaxppo.run.logger import progress_bar
-from jaxppo.run.models import load_models
-from jaxppo.run.rundir import RunDir, StopSignals, abstract, fingerprint, param_count
-from jaxppo.run.runfolder import replaced_atomically
+from jaxppo.run.models import describe_models, export_policy, load_models
+from jaxppo.run.rundir import RunDir, StopSignals, abstract, fingerprint
 
 
 class NonFiniteError(JaxppoError):
@@ -65,7 +62,8 @@ class PPOTrainer:
         check_devices(c, jax.device_count(), jax.devices()[0].platform, jax.process_count())
         m, init = load_models(c)
         self.models = m
-        self.run_dir = RunDir(c, fingerprint(c, m.policy_config, m.critic_config), overwrite=overwrite)
+        self.run_dir = RunDir(c, fingerprint(c, m.policy_config, m.critic_config, m.policy_path if m.lora else None),
+                              overwrite=overwrite)
         self.rewards = tasks.RewardScorer(tasks.reward_functions(c.reward, reward_functions), m.tokenizer, c.reward,
                                           log=self.run_dir.log)
         if not self.rewards.fns and init.frozen.reward_model is None:
@@ -83,13 +81,16 @@ class PPOTrainer:
         self.state = state.replace(**{f.name: shard_tree(getattr(state, f.name), p.critic_mesh
                                                          if f.name in on_critic else p.policy_mesh)
                                       for f in dataclasses.fields(state)})
-        self.frozen = shard_tree(init.frozen, p.policy_mesh)
+        critic_base = init.frozen.critic_base          # a LoRA critic's backbone lives with the critic
+        self.frozen = shard_tree(init.frozen.replace(critic_base=None), p.policy_mesh).replace(
+            critic_base=None if critic_base is None else shard_tree(critic_base, p.critic_mesh))
         del init            # the sharded copies above are the run's; the loaded ones may go
         self.programs = make_programs(
             settings, m.graphs, Optimizers(ptx, psched, ctx, csched), p,
             policy_shardings=p.pinned_shardings(self.state.policy, self.state.policy_opt, critic=False),
             critic_shardings=None if self.state.critic is None else
-            p.pinned_shardings(self.state.critic, self.state.critic_opt, critic=True))
+            p.pinned_shardings(self.state.critic, self.state.critic_opt, critic=True),
+            lora_dropout=m.lora is not None and m.lora.dropout > 0)
         self.warnings_seen: set[str] = set()
         self.evaluator = Evaluator(
             evaluate=self.programs.evaluate, frozen=self.frozen, mesh=p.policy_mesh,
@@ -123,15 +124,16 @@ class PPOTrainer:
         """Feed the monitored metric; True when it has not improved for `patience` checks."""
         return self.early_stopping.check(value)
 
-    def export(self, path) -> str:
-        """Write the current policy as an HF folder (config.json, model.safetensors, tokenizer)."""
+    def export(self, path, adapter_path=None) -> str:
+        """Write the current policy as an HF folder (config.json, model.safetensors, tokenizer); with
+        LoRA the adapters merged into the base weights, and, given `adapter_path`, the adapters alone
+        in PEFT's format there too."""
         # every process takes part in gathering FSDP shards held by other processes; process 0 writes
-        policy = self.state.policy if jax.process_count() == 1 else to_host(self.state.policy)
-        if not runtime.is_primary():
-            return str(path)
-        model = nnx.merge(self.models.graphs.policy, policy)
-        with replaced_atomically(path) as tmp:      # never seen half-written
-            hf.save_pretrained(model, self.tokenizer, str(tmp))
+        policy, base = self.state.policy, self.models.graphs.policy_base(self.frozen)
+        if jax.process_count() > 1:
+            policy, base = to_host((policy, base))
+        if runtime.is_primary():
+            export_policy(self.models, policy, base, path, adapter_path)
         return str(path)
 
     def tokenize(self, prompts: list[str], source: str | Sequence[str] | None = None):
@@ -225,10 +227,7 @@ class PPOTrainer:
 
         self.run_dir.open(self.resume_from, abstract(self.state), resume)
         start = int(self.state.step) if self.resume_from is not None else 0
-        m = self.models
-        critic = "no critic" if self.state.critic is None else f"critic {param_count(self.state.critic) / 1e6:.2f}M"
-        self.run_dir.log(f"policy {m.policy_path} ({param_count(self.state.policy) / 1e6:.2f}M params), "
-                         f"{critic}; {len(run.train_prompts)} train / "
+        self.run_dir.log(f"{describe_models(self.models, self.state, self.frozen)}; {len(run.train_prompts)} train / "
                          f"{len(run.eval_prompts)} eval prompts, prompt length {run.prompt_len}; "
                          f"run dir {self.run_dir.path}")
         return start
@@ -247,7 +246,8 @@ class PPOTrainer:
             c.rollout.num_generations, c.algo.filter_groups, c.algo.max_sample_rounds)
         jax.block_until_ready(exp.tokens)
         t1 = time.perf_counter()
-        self.state, metrics = iteration.update(self.programs, self.state, exp, shard_batch(fn_scores, mesh))
+        self.state, metrics = iteration.update(self.programs, self.state, exp, shard_batch(fn_scores, mesh),
+                                               frozen=self.frozen)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).as_dict().items()}   # the one sync
         t2 = time.perf_counter()
         rows = c.rollout_batch_size
@@ -328,7 +328,8 @@ class PPOTrainer:
             self.run_dir.log(f"{run.stop_reason}: saved checkpoint at step {step}; resume with --resume")
             self.run_dir.close()
             return {"stopped": run.stop_reason, "step": step}
-        self.export(self.run_dir.path / "final_model")
+        self.export(self.run_dir.path / "final_model",
+                    self.run_dir.path / "final_adapter" if self.models.lora is not None else None)
         try:
             from jaxppo.run.plots import plot_run
             plot_run(self.run_dir.path) if runtime.is_primary() else None

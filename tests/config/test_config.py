@@ -82,7 +82,7 @@ def test_describe_fields_covers_every_field_with_help():
     assert all(isinstance(h, str) and h and "\n" not in h for _, _, h in rows)
     assert "k1|k2|k3|abs" in dict((k, h) for k, _, h in rows)["ppo.kl_estimator"]
     # every key can be overridden on the command line with its own default
-    optional = ("ppo.adaptive_kl", "reward.overlong")          # sub-sections that are null by default
+    optional = ("ppo.adaptive_kl", "reward.overlong", "model.lora")    # sub-sections that are null by default
     assert load_config(None, [f"{k}={'null' if d is None else d}" for k, d, _ in rows
                               if not any(k == o or k.startswith(o + ".") for o in optional)]) == PPOConfig()
 
@@ -207,3 +207,18 @@ def test_save_load_round_trip(tmp_path):
     assert config_to_dict(config)["ppo"]["adaptive_kl"] == {"target": 2.0, "horizon": 10000}
     save_config(PPOConfig(), path)
     assert load_config(path) == PPOConfig()
+
+
+def test_token_budget_micro_batches_refuse_grad_accum():
+    with pytest.raises(ConfigError, match="max_tokens_per_microbatch=256.*grad_accum_steps=2"):
+        load_config(None, ["train.max_tokens_per_microbatch=256", "optim.grad_accum_steps=2"])
+    assert load_config(None, ["train.max_tokens_per_microbatch=256"]).train.max_tokens_per_microbatch == 256
+
+
+def test_lora_section_from_overrides_and_its_checks():
+    c = load_config(None, ["model.lora.rank=4", "model.lora.modules_to_save=[ln_f]"])
+    assert c.model.lora.rank == 4 and c.model.lora.alpha == 16.0 and c.model.lora.target_modules == ["all-linear"]
+    for bad, key in (("model.lora.rank=0", "model.lora.rank"), ("model.lora.dropout=1.0", "model.lora.dropout"),
+                     ("model.lora.target_modules=[]", "model.lora.target_modules")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [bad])
