@@ -52,11 +52,14 @@ class Adapters(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`x [..., in]` -> the adapters' sum `[..., width]` in the compute dtype."""
-        if self.rate > 0 and self.key is not None:
-            keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.rate), jnp.zeros((), x.dtype)).astype(x.dtype)
-        outs = [(start, stop, self.parts[name](x) * jnp.asarray(self.scale, x.dtype))
-                for name, (start, stop) in self.slices]
+        def dropped(i):    # each projection its own mask, as PEFT's per-module dropout
+            if self.rate == 0 or self.key is None:
+                return x
+            keep = jax.random.bernoulli(jax.random.fold_in(self.key, i), 1.0 - self.rate, x.shape)
+            return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+        outs = [(start, stop, self.parts[name](dropped(i)) * jnp.asarray(self.scale, x.dtype))
+                for i, (name, (start, stop)) in enumerate(self.slices)]
         outs.sort(key=lambda o: o[0])
         pieces, at = [], 0
         for start, stop, out in outs:     # the output columns in order, zeros where no adapter writes
