@@ -51,6 +51,7 @@ class Models:
     pad_id: int
     policy_path: str               # resolved folder (`tiny` made concrete)
     reward_model_path: str | None
+    critic_path: str | None        # the folder the critic starts from (None without a critic)
     policy_config: Any             # models.transformer.TransformerConfig
     critic_config: Any             # None without a critic
     reward_model_config: Any       # None without a reward model
@@ -105,6 +106,7 @@ def load_models(config) -> tuple[Models, InitialParams]:
         check_same_vocab(tokenizer, rm_tok, policy_path, rm_path)
     critic_lora = spec is not None and c.lora.critic and not config.algo.critic_free
     critic_dtype = ref_dtype if critic_lora else master      # a LoRA critic's backbone is frozen
+    critic_path = None if config.algo.critic_free else rm_path if c.critic_init == "reward_model" else policy_path
     if config.algo.critic_free:
         critic = None             # grpo, rloo, reinforce_pp...: no value model is loaded or trained
     elif c.critic:
@@ -141,7 +143,7 @@ def load_models(config) -> tuple[Models, InitialParams]:
         tokenizer=tokenizer,
         eos_ids=stop_token_ids(tokenizer, policy_path, config.rollout.stop_token_ids),
         pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
-        policy_path=policy_path, reward_model_path=rm_path, policy_config=policy.config,
+        policy_path=policy_path, reward_model_path=rm_path, critic_path=critic_path, policy_config=policy.config,
         critic_config=None if critic is None else critic.config,
         reward_model_config=None if reward_model is None else reward_model.config, lora=spec)
     return models, InitialParams(policy=policy_params, critic=critic_params,

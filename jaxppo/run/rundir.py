@@ -43,15 +43,19 @@ from jaxppo.run.runfolder import (
 from jaxppo.runtime import is_primary, on_primary
 
 
-def fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg, lora_base: str | None = None) -> dict:
+def fingerprint(cfg: PPOConfig, policy_cfg, critic_cfg, lora_base: str | None = None,
+                critic_base: str | None = None) -> dict:
     """What a checkpoint must agree on with the config that resumes it. With LoRA the checkpoint
-    holds the adapters only: `lora_base` (the policy's folder) is fingerprinted by its weights."""
+    holds the adapters only: `lora_base` (the policy's folder) is fingerprinted by its weights, and
+    `critic_base` (the folder a LoRA critic's frozen backbone comes from) too."""
     out = {"policy": cfg.model.policy, "policy_arch": dataclasses.asdict(policy_cfg),
            "critic_arch": None if critic_cfg is None else dataclasses.asdict(critic_cfg),
            "reward_model": cfg.model.reward_model, "critic_init": cfg.model.critic_init, "critic": cfg.model.critic}
     if lora_base is not None:
         out["lora"] = dataclasses.asdict(cfg.model.lora)
         out["base_weights"] = weights_fingerprint(lora_base)
+    if critic_base is not None:
+        out["critic_base_weights"] = weights_fingerprint(critic_base)
     return out
 
 

@@ -62,8 +62,8 @@ class PPOTrainer:
         check_devices(c, jax.device_count(), jax.devices()[0].platform, jax.process_count())
         m, init = load_models(c)
         self.models = m
-        self.run_dir = RunDir(c, fingerprint(c, m.policy_config, m.critic_config, m.policy_path if m.lora else None),
-                              overwrite=overwrite)
+        self.run_dir = RunDir(c, fingerprint(c, m.policy_config, m.critic_config, m.policy_path if m.lora else None,
+                                             m.critic_path if m.graphs.critic_lora else None), overwrite=overwrite)
         self.rewards = tasks.RewardScorer(tasks.reward_functions(c.reward, reward_functions), m.tokenizer, c.reward,
                                           log=self.run_dir.log)
         if not self.rewards.fns and init.frozen.reward_model is None:

@@ -114,6 +114,7 @@ def test_the_base_is_named_by_a_fingerprint_of_its_weights(tmp_path):
     want = fingerprint(cfg, model.config, None, str(base))
     assert want["lora"]["rank"] == 4 and want["base_weights"] == hf.weights_fingerprint(str(base))
     assert "base_weights" not in fingerprint(cfg, model.config, None)        # full fine-tuning: the weights are saved
+    assert fingerprint(cfg, model.config, None, str(base), str(base))["critic_base_weights"] == want["base_weights"]
     data = bytearray((base / "model.safetensors").read_bytes())
     data[-100] ^= 0xFF                                                       # one weight changes
     (base / "model.safetensors").write_bytes(bytes(data))
@@ -138,6 +139,8 @@ def test_lora_with_the_estimators_fsdp_and_a_lora_critic(tmp_path, extra):
         assert all(("q_proj" in n or "v_proj" in n) for n in names if "adapters" in n)
         assert any("final_norm" in n for n in names)
         assert trainer.frozen.critic_base is not None
+        # the critic's frozen backbone (here the policy's folder) is named by its weights too
+        assert trainer.run_dir.fingerprint["critic_base_weights"] == trainer.run_dir.fingerprint["base_weights"]
     if "train.mesh_fsdp=2" in extra:
         kernel = trainer.frozen.ref["layers"][0]["mlp"]["fc_in"]["kernel"]
         assert kernel.dtype == jnp.bfloat16 and not kernel.sharding.is_fully_replicated
