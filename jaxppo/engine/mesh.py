@@ -145,6 +145,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def on_host(mesh: Mesh) -> bool:
+    """True when `mesh` is made of CPU (host) devices."""
+    return mesh.devices.flat[0].platform == "cpu"
+
+
 def replicate(tree, mesh: Mesh):
     """`tree` whole on every device of `mesh` (FSDP shards all-gathered, leaves on other devices
     copied over): one program or transfer per call. Leaves already there come back as they are."""

@@ -6,11 +6,12 @@ beside the policy's (XLA:CPU runs one program's operations one at a time: on a C
 puts two cores to work on the two models at once). Only batch rows and a few scalars cross
 between the halves; the parameters never do. `Placement` alone knows which it is.
 
-Sampling uses every device whatever the placement (`sample_mesh`, `to_sampler`): the rollout's
-rows split over all of them, each with a whole replica of the policy's parameters, gathered
+On a CPU, sampling uses every device whatever the placement (`sample_mesh`, `to_sampler`): the
+rollout's rows split over all of them, each with a whole replica of the policy's parameters, gathered
 (colocated, FSDP) or copied (separate: to the critic's half) once per rollout, before the decode
 loop, so no decode step all-gathers parameters. On a CPU a batch too small to gain from it is
-sampled on the first device alone (`sampling_devices`). The sampled rows then move to the
+sampled on the first device alone (`sampling_devices`). Accelerators sample on the policy's mesh
+with its parameters as they are. The sampled rows then move to the
 policy's mesh (`from_sampler`) and from there to the critic's (`to_critic`). The tokens do not
 depend on the devices that ran them: JAX's random bits (threefry, partitionable) are the same
 however the rows are split.
@@ -24,7 +25,7 @@ import functools
 import jax
 from jax.sharding import Mesh
 
-from jaxppo.engine.mesh import batch_sharding, make_mesh, make_meshes, replicate, replicated, tree_shardings
+from jaxppo.engine.mesh import batch_sharding, make_mesh, make_meshes, on_host, replicate, replicated, tree_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Placement:
         of a frozen base would cost a whole second base). On an accelerator the policy's mesh
         samples with its parameters as they are: gathering FSDP shards would undo their memory saving."""
         mesh = self.sample_mesh(prompt_ids.shape[0], generations)
-        if mesh is self.policy_mesh and not _host(mesh):
+        if mesh is self.policy_mesh and not on_host(mesh):
             return params, prompt_ids, prompt_mask, key, base
         if mesh is not self.policy_mesh:
             (prompt_ids, prompt_mask), key = self._put(mesh, (prompt_ids, prompt_mask), key)
@@ -123,14 +124,10 @@ def sampling_devices(devices: list, policy_devices: list, prompts: int, generati
     n = len(devices)
     if devices[0].platform != "cpu":
         return policy_devices
-    if n > 1 and jax.process_count() == 1 and devices[0].platform == "cpu" \
+    if n > 1 and jax.process_count() == 1 \
             and prompts * generations < MIN_ROWS_PER_HOST_DEVICE * n:
         return devices[:1]
     return devices if prompts % n == 0 else policy_devices
-
-
-def _host(mesh: Mesh) -> bool:
-    return mesh.devices.flat[0].platform == "cpu"
 
 
 @functools.cache

@@ -50,15 +50,10 @@ from jaxppo.runtime import update_compiler_options
 # ---------------------------------------------------------------------------- the phases
 
 
-def merge(graph, params, base=None):
-    """The model of `params` (with LoRA: the adapters, merged with their frozen `base`)."""
-    return lora.merge(graph, params, base)
-
-
 def sample_phase(policy_graph, sampling: SamplingParams, policy_params, prompt_ids, prompt_mask, key, base=None):
     """Sample R tokens (KV cache), G per prompt: (sample output, attention mask of prompt + response),
     `[B*G, ...]` rows. `base`: the frozen base of LoRA adapters (`policy_params`), else None."""
-    policy = merge(policy_graph, policy_params, base)
+    policy = lora.merge(policy_graph, policy_params, base)
     out = sample(policy, prompt_ids, prompt_mask, key, sampling)
     if sampling.num_generations > 1:
         prompt_mask = jnp.repeat(prompt_mask, sampling.num_generations, axis=0)      # [B*G, P]
@@ -86,7 +81,7 @@ def score_phase(ref_graph, rm_graph, s: StepSettings, frozen: Frozen, tokens, at
 def values_phase(critic_graph, forward_batch_size, critic_params, tokens, attention_mask, mask, base=None):
     """The critic's values of a sampled batch `[B, R]` (0 on padding), on the critic's devices."""
     R = mask.shape[1]
-    critic = merge(critic_graph, critic_params, base)
+    critic = lora.merge(critic_graph, critic_params, base)
     values = chunked(lambda t, a: response_values(critic, t, a, R).astype(jnp.float32),
                      forward_batch_size, tokens, attention_mask)
     return values * mask

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import struct
 
 from jaxppo.core.losses import aggregate_denominator, aggregate_numerator, policy_loss, value_loss
 from jaxppo.core.rewards import kl_per_token

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxppo.data.dataset import PPODataset, prompt_key
 from jaxppo.data.prompts import pad_prompts
-from jaxppo.engine.mesh import replicate, replicated, shard_batch, to_host
+from jaxppo.engine.mesh import on_host, replicate, replicated, shard_batch, to_host
 
 EVAL_KEY_SALT = 0x5EED  # eval draws from fold_in(PRNGKey(seed), salt): the same keys at every eval
 # what an evaluation reports (logged as eval/<name>; `early_stopping.metric` may watch any of them)
@@ -58,7 +58,7 @@ class Evaluator:
         prompts = as_dataset(dataset).prompts
         ids, mask = self.arrays(prompts)
         bs = self.batch_size(len(prompts))
-        if self.mesh.devices.flat[0].platform == "cpu":    # (an accelerator keeps FSDP's memory saving)
+        if on_host(self.mesh):    # (an accelerator keeps FSDP's memory saving)
             policy = replicate(policy, self.mesh)   # whole on every device, once: no decode step gathers FSDP shards
         pending = []
         for b, start in enumerate(range(0, len(prompts), bs)):
