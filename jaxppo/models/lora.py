@@ -31,6 +31,13 @@ from jaxppo.models.arch import TransformerConfig
 from jaxppo.models.layers import Adapters, Dense
 
 ALL_LINEAR = "all-linear"
+# the HF names this module knows, per architecture family ("llama" covers Mistral and Qwen2):
+# the projections that take adapters (PEFT's target_modules), in a fixed order, and the modules
+# that can be trained in full (PEFT's modules_to_save) -> our top-level module
+PROJECTIONS = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+               "gpt2": ("c_attn", "c_proj", "c_fc")}
+SAVED_MODULES = {"llama": {"embed_tokens": "embed", "norm": "final_norm", "lm_head": "lm_head"},
+                 "gpt2": {"wte": "embed", "wpe": "pos_embed", "ln_f": "final_norm", "lm_head": "lm_head"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +57,19 @@ class LoraSpec:
 
 def projections(c: TransformerConfig) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
     """HF projection name -> [(our Dense's path inside a block, its output columns or None = all)]."""
-    if c.arch == "gpt2":
-        return {"c_attn": [("attn.qkv", None)], "c_proj": [("attn.out", None), ("mlp.fc_out", None)],
-                "c_fc": [("mlp.fc_in", None)]}
-    q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    return {"q_proj": [("attn.qkv", (0, q))], "k_proj": [("attn.qkv", (q, q + kv))],
-            "v_proj": [("attn.qkv", (q + kv, q + 2 * kv))], "o_proj": [("attn.out", None)],
-            "gate_proj": [("mlp.fc_in", (0, inter))], "up_proj": [("mlp.fc_in", (inter, 2 * inter))],
-            "down_proj": [("mlp.fc_out", None)]}
+    if c.arch == "gpt2":     # c_attn, c_proj (attention output and MLP down), c_fc
+        places = [[("attn.qkv", None)], [("attn.out", None), ("mlp.fc_out", None)], [("mlp.fc_in", None)]]
+    else:                    # q, k, v, o, gate, up, down
+        q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        places = [[("attn.qkv", (0, q))], [("attn.qkv", (q, q + kv))], [("attn.qkv", (q + kv, q + 2 * kv))],
+                  [("attn.out", None)], [("mlp.fc_in", (0, inter))], [("mlp.fc_in", (inter, 2 * inter))],
+                  [("mlp.fc_out", None)]]
+    return dict(zip(PROJECTIONS[family(c)], places, strict=True))
+
+
+def family(c: TransformerConfig) -> str:
+    """The key of `PROJECTIONS` / `SAVED_MODULES` for a config."""
+    return "gpt2" if c.arch == "gpt2" else "llama"
 
 
 def hf_module(c: TransformerConfig, layer: int, dense_path: str, name: str) -> str:
@@ -110,10 +122,8 @@ def saved_modules(c: TransformerConfig, names) -> dict[str, str]:
     """HF module name -> our top-level module for `modules_to_save` (PEFT's option: modules trained
     in full beside the adapters: the final norm, the embeddings, an untied LM head). ValueError
     naming an unknown one."""
-    table = ({"wte": "embed", "wpe": "pos_embed", "ln_f": "final_norm"} if c.arch == "gpt2" else
-             {"embed_tokens": "embed", "norm": "final_norm"})
-    if not c.tie_word_embeddings:
-        table["lm_head"] = "lm_head"
+    table = {name: ours for name, ours in SAVED_MODULES[family(c)].items()
+             if name != "lm_head" or not c.tie_word_embeddings}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"model.lora.modules_to_save: {', '.join(map(repr, unknown))}: not a module of this "

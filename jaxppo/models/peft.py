@@ -45,22 +45,22 @@ from safetensors.numpy import save_file
 
 from jaxppo.models.arch import TransformerConfig
 from jaxppo.models.hf_layout import hf_key_prefix, hf_tensor_shapes, param_table
-from jaxppo.models.lora import LoraSpec, hf_module, projections, resolve_targets, saved_modules
+from jaxppo.models.lora import (PROJECTIONS, SAVED_MODULES, LoraSpec, hf_module, projections, resolve_targets,
+                                saved_modules)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."      # PEFT's PeftModelForCausalLM -> LoraModel -> the HF model
 SUFFIX = {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight"}
 # target names in the order adapters are listed (the Llama family's, then GPT-2's)
-KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                 "c_attn", "c_proj", "c_fc")
+KNOWN_TARGETS = PROJECTIONS["llama"] + PROJECTIONS["gpt2"]
 # PEFT config fields whose non-default values change the adapter's maths: field -> its default
 UNSUPPORTED = {"use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
                "lora_bias": False, "layers_to_transform": None, "target_parameters": None,
                "trainable_token_indices": None, "layer_replication": None}
 # modules_to_save jaxppo trains in full (`saved_modules`' HF names, either arch; this order), our modules
 SAVED_NAMES = ("norm", "embed_tokens", "lm_head", "ln_f", "wte", "wpe")
-SAVED_TOP = ("final_norm", "embed", "pos_embed", "lm_head")
+SAVED_TOP = frozenset(ours for table in SAVED_MODULES.values() for ours in table.values())
 EMBEDDINGS = ("embed_tokens", "wte")
 LM_HEAD = KEY_PREFIX + "lm_head.weight"
 
