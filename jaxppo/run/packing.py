@@ -38,10 +38,15 @@ PACK_MAX_ELEMENTS = 1 << 20   # default: leaves up to this size (and fully repli
 _PLANS: dict = {}   # (max_elements, treedef, leaf avals + shardings) -> packing plan; a run's state keeps one
 
 
-def pack(state, max_elements: int = PACK_MAX_ELEMENTS) -> tuple[dict, dict]:
+def pack(state, max_elements: int = PACK_MAX_ELEMENTS, buffers: dict | None = None) -> tuple[dict, dict]:
     """(arrays to save, JSON layout) of a pytree of arrays. Small fully replicated leaves are copied
     to the host in one transfer and concatenated per dtype there (what orbax would copy anyway); big
-    or sharded ones stay device arrays that orbax writes shard by shard."""
+    or sharded ones stay device arrays that orbax writes shard by shard.
+
+    buffers: a dict the caller keeps between saves; the packed arrays are written into the host
+    arrays it holds (made on the first call, remade when the state's structure changes) instead of
+    fresh ones. A fresh array of tens of MB is fresh pages from the kernel, whose first touch cost
+    ~0.15 s of a tiny PPO state's save; the caller must not pack again while a save still reads them."""
     leaves, treedef = jax.tree.flatten(state)
     leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
     layout, groups, singles, keys = _plan(leaves, treedef, state, max_elements)
@@ -49,7 +54,17 @@ def pack(state, max_elements: int = PACK_MAX_ELEMENTS) -> tuple[dict, dict]:
         leaves[i] = jax.random.key_data(leaves[i])
     order = [i for idx in groups.values() for i in idx]
     host = dict(zip(order, jax.device_get([leaves[i] for i in order])))
-    packed = {g: np.concatenate([np.ravel(host[i]) for i in idx]) for g, idx in groups.items()}
+    packed = {}
+    for g, idx in groups.items():
+        parts = [np.ravel(host[i]) for i in idx]
+        n = sum(p.size for p in parts)
+        if buffers is None:
+            packed[g] = np.concatenate(parts)
+            continue
+        out = buffers.get(g)
+        if out is None or out.shape != (n,) or out.dtype != parts[0].dtype:
+            out = buffers[g] = np.empty(n, parts[0].dtype)
+        packed[g] = np.concatenate(parts, out=out)
     return {"packed": packed, "leaves": [leaves[i] for i in singles]}, layout
 
 

@@ -123,6 +123,40 @@ def test_round_trip_leaf_by_leaf(tmp_path, state):
     assert host == HOST
 
 
+def test_back_to_back_saves_keep_their_own_values(tmp_path):
+    """Saves reuse one host buffer per dtype (no fresh pages per save) and orbax does not copy it:
+    a save started while the previous one may still be writing must not change what that one wrote."""
+    states = {s: {"w": jnp.arange(300_000, dtype=jnp.float32) * s, "b": jnp.full((7,), s, jnp.int32)}
+              for s in (1, 2, 3)}
+    with Checkpointer(tmp_path, keep=4) as ck:
+        for s, st in states.items():
+            assert ck.save(s, st, {"step": s})          # no wait in between
+        buffers = dict(ck._pack_buffers)
+        assert ck.save(4, states[3], {"step": 4})
+        assert all(ck._pack_buffers[g] is buffers[g] for g in buffers) and set(buffers) == {"float32", "int32"}
+        ck.wait()
+        for s, st in states.items():
+            restored, host = ck.restore(s, jax.eval_shape(lambda: st))
+            assert_same_tree(restored, st)
+            assert host == {"step": s}
+
+
+def test_reads_checkpoints_written_with_orbax_defaults(tmp_path, state, monkeypatch):
+    """Checkpoints written before saves turned compression off (orbax's default handler) still restore."""
+    import orbax.checkpoint as ocp
+
+    import jaxppo.run.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "state_handler", lambda: ocp.PyTreeCheckpointHandler())
+    with Checkpointer(tmp_path) as ck:
+        assert ck.save(2, state, HOST, force=True)
+    monkeypatch.undo()
+    with Checkpointer(tmp_path) as ck:
+        restored, host = ck.restore(2, jax.eval_shape(lambda: state))
+    assert_same_tree(restored, state)
+    assert host == HOST
+
+
 @pytest.mark.parametrize("mode", ["max", "min"])
 def test_retention_keeps_latest_and_best(tmp_path, mode):
     small = {"w": jnp.arange(3.0), "step": jnp.int32(0)}
