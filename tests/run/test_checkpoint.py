@@ -136,7 +136,7 @@ def test_back_to_back_saves_keep_their_own_values(tmp_path):
         assert all(ck._pack_buffers[g] is buffers[g] for g in buffers) and set(buffers) == {"float32", "int32"}
         ck.wait()
         for s, st in states.items():
-            restored, host = ck.restore(s, jax.eval_shape(lambda: st))
+            restored, host = ck.restore(s, st)
             assert_same_tree(restored, st)
             assert host == {"step": s}
 
@@ -145,7 +145,7 @@ def test_reads_checkpoints_written_with_orbax_defaults(tmp_path, state, monkeypa
     """Checkpoints written before saves turned compression off (orbax's default handler) still restore."""
     import orbax.checkpoint as ocp
 
-    import jaxppo.run.checkpoint as checkpoint
+    from jaxppo.run import checkpoint
 
     monkeypatch.setattr(checkpoint, "state_handler", lambda: ocp.PyTreeCheckpointHandler())
     with Checkpointer(tmp_path) as ck:
