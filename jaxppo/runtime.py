@@ -112,10 +112,12 @@ def configure(*, host_devices: int | None = 2, cpu_fusion: bool = True, compilat
 
 
 def update_compiler_options() -> dict | None:
-    """XLA options of the update programs alone. On the CPU their matmuls (hundreds of rows) go
-    to YNNPACK, ~5-8 % faster than XLA's own there (experiments/README.md); the rollout keeps
-    XLA's, whose one-token decode matmuls YNNPACK runs ~10 % slower. Nothing when the user set
-    the YNN flag themselves, or off the CPU."""
+    """XLA options of the programs whose matmuls have hundreds of rows: the updates, the scoring
+    and value forwards, and the evaluation (its decode has every eval prompt's row, ~50). On the
+    CPU their matmuls go to YNNPACK, ~5-8 % faster than XLA's own there (experiments/README.md;
+    score 3 %, evaluation at 52 rows 6 %); the rollout's sampling keeps XLA's, whose decode
+    matmuls at 16 rows YNNPACK runs ~10-20 % slower. Nothing when the user set the YNN flag
+    themselves, or off the CPU."""
     import jax
 
     user_set = YNN_FLAG not in _added_flags and flag_value(os.environ.get("XLA_FLAGS", ""), YNN_FLAG) is not None

@@ -172,9 +172,10 @@ def make_programs(settings: StepSettings, graphs: ModelGraphs, optimizers: Optim
     o = optimizers
     return Programs(
         sample=jax.jit(functools.partial(sample_phase, graphs.policy, s.sampling)),
-        score=jax.jit(functools.partial(score_phase, graphs.ref, graphs.reward_model, s)),
-        values=jax.jit(functools.partial(values_phase, graphs.critic, s.forward_batch_size)) if critic else None,
-        evaluate=jax.jit(functools.partial(evaluate_phase, graphs, s)),
+        score=jax.jit(functools.partial(score_phase, graphs.ref, graphs.reward_model, s), compiler_options=options),
+        values=jax.jit(functools.partial(values_phase, graphs.critic, s.forward_batch_size),
+                       compiler_options=options) if critic else None,
+        evaluate=jax.jit(functools.partial(evaluate_phase, graphs, s), compiler_options=options),
         sampling_key=jax.jit(functools.partial(sampling_key)),   # (a partial: jit caches per function object)
         prepare=jax.jit(functools.partial(prepare, s)),
         policy_update=update_program(policy_objective(s.update, s.sampling.scoring_temperature), graphs.policy,
