@@ -41,6 +41,8 @@ RULES: dict[str, str] = {
     **_rules(CHANGEABLE, "reward", "on_error error_penalty"),
     **_rules(FIXED, "rollout", "max_new_tokens temperature top_k top_p stop_at_eos missing_eos_penalty "
                                "forward_batch_size num_generations stop_token_ids"),
+    # how the decode loop is split: the same samples (log-probs within float rounding)
+    **_rules(CHANGEABLE, "rollout", "decode_bucket"),
     **_rules(FIXED, "algo", "advantage scale_rewards loss_agg filter_groups max_sample_rounds"),
     # kl_coef too: the (adaptive) coefficient lives in the checkpointed state, so a new value
     # would be silently ignored

@@ -155,6 +155,10 @@ class RolloutConfig(Section):
     num_generations: int = option(1,
         "samples per prompt (G): an iteration trains on train.batch_size x G responses, a prompt's G samples "
         "consecutive, its prompt prefilled once and the KV cache shared", ge=1)
+    decode_bucket: int = option(128,
+        "KV-cache slots per decode bucket: the cache grows by this many as responses fill it, so a decode "
+        "step attends to the filled slots, not all max_prompt_length + max_new_tokens; 0 = the whole cache "
+        "from the start (no copy of it at each bucket boundary, where old and new briefly coexist)", ge=0)
 
     __hash__ = Section.field_hash   # a list field
 

@@ -6,12 +6,15 @@
     out.mask        # [B, R] 1.0 up to and including the first EOS
 
 The prompt batch is left-padded (`prompt_mask` 0 on the left), so every row's last prompt token
-sits in slot P-1 and all rows decode in lockstep. The cache holds P + R - 1 slots, not the
+sits in slot P-1 and all rows decode in lockstep. The cache ends with P + R - 1 slots, not the
 model's context: the last sampled token is never fed back. Positions come from the mask, so
 padding never shifts them.
 
 The decode loop is a `lax.while_loop` that stops as soon as every row has emitted EOS (with
-`stop_at_eos`); the unfilled tail of the response is pad with mask 0.
+`stop_at_eos`); the unfilled tail of the response is pad with mask 0. A long response runs it as a
+few loops, one per length bucket (`decode_buckets`, `SamplingParams.decode_bucket` slots each): the
+cache grows between them, so a step attends to the slots filled so far plus fewer than a bucket of
+empty ones, instead of to all P + R - 1; every loop has static shapes, so nothing recompiles.
 
 `logprobs` are taken under the temperature-scaled distribution before top-k/top-p truncation:
 that is the policy PPO optimises (the training forward recomputes exactly these), while the
@@ -45,6 +48,7 @@ class SamplingParams:
     pad_token_id: int = 0          # written after EOS
     stop_at_eos: bool = True       # False: always R tokens, EOS is an ordinary token (the peer bench)
     num_generations: int = 1       # G samples per prompt: rows b*G .. b*G+G-1 continue prompt b
+    decode_bucket: int = 128       # cache slots per decode bucket (`decode_buckets`); 0 = one bucket, the whole cache
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -57,6 +61,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
+        if self.decode_bucket < 0:
+            raise ValueError(f"decode_bucket must be >= 0, got {self.decode_bucket}")
 
     @property
     def greedy(self) -> bool:
@@ -76,7 +82,7 @@ class SamplingParams:
         r = rollout_cfg
         return cls(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                    eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
-                   stop_at_eos=r.stop_at_eos, num_generations=r.num_generations)
+                   stop_at_eos=r.stop_at_eos, num_generations=r.num_generations, decode_bucket=r.decode_bucket)
 
 
 @struct.dataclass
@@ -133,6 +139,23 @@ def _choose(logits: jax.Array, key: jax.Array, params: SamplingParams):
     return token, logprob
 
 
+def decode_buckets(prompt_len: int, max_new_tokens: int, width: int) -> tuple[int, ...]:
+    """The cache lengths the decode steps run at: the multiples of `width` past the prompt, then
+    the full cache P + R - 1 (`width` 0: that alone). The step that fills the cache to n slots
+    runs in the first bucket of length >= n, so it reads fewer than `width` empty slots; each
+    bucket is one more compiled loop body. A cache of at most `width` slots (16 + 32 tokens with
+    the default) is one bucket: the program of an unbucketed sampler.
+
+    Fixed-width buckets bound the wasted reads per step (doubling would read up to twice the
+    filled slots); the default 128 is a multiple of GPU and TPU tile sizes, and costs one body
+    per 128 response tokens (8 for a 1k response)."""
+    total = prompt_len + max_new_tokens - 1
+    if width == 0:
+        return (total,)
+    first = -(-(prompt_len + 1) // width) * width        # step 0 fills slot P: the cache is P + 1 long
+    return tuple(range(first, total, width)) + (total,)
+
+
 def _is_eos(token: jax.Array, params: SamplingParams) -> jax.Array:
     if not params.eos_token_ids:
         return jnp.zeros(token.shape, bool)
@@ -157,8 +180,10 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)       # [B, P]
 
     # the last sampled token is never fed back: no slot for it. No slack either: decode writes with
-    # dynamic_update_slice, which clamps, so a write past slot P+R-2 would overwrite it silently
-    cache = model.init_cache(B, P + R - 1)
+    # dynamic_update_slice, which clamps, so a write past slot P+R-2 would overwrite it silently.
+    # The cache starts at the first bucket's length and grows, bucket by bucket, up to P + R - 1
+    buckets = decode_buckets(P, R, params.decode_bucket)
+    cache = model.init_cache(B, buckets[0])
     head = model.head_kernel()         # once, not per step (a tied head's E^T is a transposed copy)
     # prefill: every prompt token's K/V, but the head only where the first token is predicted
     logits, cache = model.decode(prompt_ids, prompt_mask, positions, cache, jnp.int32(0), outputs_at=(P - 1, P),
@@ -172,10 +197,10 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     key, sub = jax.random.split(key)
     token, logprob = _choose(logits[:, -1], sub, params)                   # [B], [B]
 
-    zeros_i = jnp.zeros((B, R), jnp.int32)
     state = _LoopState(
         step=jnp.int32(0), token=token, done=jnp.zeros((B,), bool),
-        response=zeros_i, logprobs=jnp.zeros((B, R), jnp.float32), mask=jnp.zeros((B, R), jnp.float32),
+        response=jnp.full((B, R), params.pad_token_id, jnp.int32),   # pad where the loop ends before a step
+        logprobs=jnp.zeros((B, R), jnp.float32), mask=jnp.zeros((B, R), jnp.float32),
         cache=cache, key=key,
     )
 
@@ -196,7 +221,9 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
     state = record(state, token, logprob)
 
     def cond(s: _LoopState):
-        more = s.step + 1 < R
+        # step `s.step` fills slot P + s.step: the bucket ends with its last slot (the last of all
+        # at step R - 2), and a later bucket's loop does not start once every row is done
+        more = P + s.step < s.cache.max_length
         if params.stop_at_eos and params.eos_token_ids:
             more = more & ~jnp.all(s.done)
         return more
@@ -211,7 +238,8 @@ def sample(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
         s = s.replace(step=s.step + 1, cache=cache, key=key)
         return record(s, token, logprob)
 
-    state = jax.lax.while_loop(cond, body, state)
+    for length in buckets:   # one loop per bucket: each step attends to `length` slots, not P + R - 1
+        state = jax.lax.while_loop(cond, body, state.replace(cache=state.cache.extend(length)))
     tokens = jnp.concatenate([prompt_ids.astype(jnp.int32), state.response], axis=1)  # [B, P+R]
     return RolloutOutput(tokens=tokens, response=state.response, logprobs=state.logprobs,
                          mask=state.mask, num_steps=state.step + 1)

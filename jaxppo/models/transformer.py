@@ -18,6 +18,7 @@ keys are never attended, so a left-padded batch gives the same per-token outputs
     logits = model(input_ids, attention_mask)                       # [B, S, V] float32
     cache = model.init_cache(B, max_len)                             # KVCache, per layer [B, Hkv, max_len, D]
     logits, cache = model.decode(ids, mask, positions, cache, 0)     # prefill, then one token a step
+    cache = cache.extend(longer)                                     # more empty slots, as it fills
 
 Attention is two einsums with a boolean mask over the whole cache (fixed shapes, so one compiled
 step serves every decode position inside `lax.while_loop`); queries are reshaped to
@@ -62,6 +63,19 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.mask.shape[1]
+
+    def extend(self, length: int) -> KVCache:
+        """The same cache with empty slots appended up to `length` (>= max_length; a copy of every
+        buffer unless equal): a decode loop grows it as it fills, so its attention reads the slots
+        filled so far rather than the whole response's."""
+        extra = length - self.max_length
+        if extra < 0:
+            raise ValueError(f"KVCache.extend: length {length} < max_length {self.max_length}")
+        if extra == 0:
+            return self
+        grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # [B, Hkv, S_max, D] -> [.., length, D]
+        return KVCache(keys=tuple(map(grow, self.keys)), values=tuple(map(grow, self.values)),
+                       mask=jnp.pad(self.mask, ((0, 0), (0, extra))))
 
 
 # ----------------------------------------------------------------------------- helpers
