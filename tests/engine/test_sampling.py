@@ -11,7 +11,7 @@ import pytest
 from jaxppo.models.hf import load_model
 from flax import nnx
 
-from jaxppo.engine.sampling import SamplingParams, filter_logits, generate, generate_program, sample
+from jaxppo.engine.sampling import SamplingParams, filter_logits, generate, generate_program, gumbel_argmax, sample
 
 from helpers import left_padded_batch, small_model
 
@@ -188,3 +188,15 @@ def test_one_generation_is_the_plain_sampler():
     b = generate(model, ids, mask, jax.random.PRNGKey(1), SamplingParams(**{**base.__dict__, "num_generations": 1}))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
+
+
+def test_gumbel_argmax_draws_what_categorical_draws():
+    """The sampler's draw is jax.random.categorical's, token for token: the same noise and the
+    first index of the maximum, also over filtered (-inf-ish) logits and exact ties."""
+    logits = jax.random.normal(jax.random.PRNGKey(0), (64, 97)) * 3.0
+    logits = logits.at[:, :40].set(-1e30).at[:8, 50:52].set(0.25)       # masked entries; ties in rows 0-7
+    for seed in range(20):
+        key = jax.random.PRNGKey(seed)
+        got = jax.jit(gumbel_argmax)(key, logits)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.random.categorical(key, logits, axis=-1)))
+        assert got.dtype == jnp.int32 and int(got.min()) >= 40
