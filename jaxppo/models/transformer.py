@@ -201,12 +201,12 @@ class Transformer(nnx.Module):
         return out[..., 0] if self.head == "scalar" else out
 
     @staticmethod
-    def _check(input_ids, attention_mask, name):
+    def _check(input_ids, attention_mask, name, mask_name="attention_mask"):
         if input_ids.ndim != 2:
             raise ValueError(f"Transformer.{name}: input_ids must be [B, S], got shape {input_ids.shape}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"Transformer.{name}: attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
+                f"Transformer.{name}: {mask_name} shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
             )
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -229,7 +229,7 @@ class Transformer(nnx.Module):
         each sequence) -> `[B, S, H]`, or `[B, Q, H]` with `outputs_at`. A token attends to the
         earlier tokens of its own sequence only (a block-diagonal causal mask), so each sequence's
         states equal those `hidden_states` gives it alone, left-padded or not."""
-        self._check(input_ids, segment_ids, "packed_hidden_states")
+        self._check(input_ids, segment_ids, "packed_hidden_states", "segment_ids")
         s = input_ids.shape[1]
         causal = jnp.tril(jnp.ones((s, s), jnp.bool_))  # [S, S]
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, S, S]

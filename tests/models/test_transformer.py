@@ -334,3 +334,14 @@ def test_decode_with_a_precomputed_head_kernel(name, head):
     plain, _ = model.decode(ids, mask, pos, model.init_cache(3, 12), 0)
     hoisted, _ = model.decode(ids, mask, pos, model.init_cache(3, 12), 0, head_kernel=kernel)
     np.testing.assert_allclose(hoisted, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_shape_errors_name_the_argument():
+    from helpers import small_model
+
+    model = small_model()
+    ids = jnp.ones((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match="packed_hidden_states: segment_ids shape"):
+        model.packed_hidden_states(ids, jnp.ones((2, 4), jnp.int32), jnp.zeros((2, 5), jnp.int32))
+    with pytest.raises(ValueError, match="hidden_states: attention_mask shape"):
+        model.hidden_states(ids, jnp.ones((2, 4), jnp.int32))
