@@ -1,7 +1,8 @@
 """Two JAX processes on 127.0.0.1 (CPU, one device each, `jax.distributed` with a local
 coordinator) train like one process with two devices and the same global batch: the same metrics
-and evaluations, with a reward function on decoded text. Only process 0 writes the logs, the
-config and final_model; both take part in the checkpoints, which restore."""
+and evaluations, with a reward function on decoded text, for PPO and for GRPO with dynamic
+sampling. Only process 0 writes the logs, the config and final_model; both take part in the
+checkpoints, which restore."""
 
 import json
 import os
@@ -41,9 +42,18 @@ SCRIPT = textwrap.dedent("""
                                   "restored_step": int(restored.step), "evals": evals}), flush=True)
 """).replace("REWARDS", REWARDS)
 
+# GRPO with DAPO's dynamic sampling: 4 prompts x G = 4, a reward that is flat for the groups of odd-length
+# prompts, so that groups are dropped and the batch is filled over several sampling rounds
+GRPO_SCRIPT = SCRIPT.replace('"train.batch_size=8", ', "").replace(
+    '"reward.functions=[', '"algo.advantage=grpo", "rollout.num_generations=4", "train.batch_size=4", '
+    '"algo.filter_groups=true", "reward.task=null", "reward.functions=[').replace(":letters]", ":letters_if_even]")
+
 REWARD_SOURCE = textwrap.dedent("""
     def letters(prompts, responses):
         return [sum(c.isalpha() for c in r) / 8.0 for r in responses]
+
+    def letters_if_even(prompts, responses):
+        return [0.0 if len(p) % 2 else sum(c.isalpha() for c in r) / 8.0 for p, r in zip(prompts, responses)]
 """)
 
 KEYS = ["objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
@@ -61,14 +71,14 @@ def result(text: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def start(tmp_path, out_dir, name, **env):
+def start(tmp_path, out_dir, name, script=SCRIPT, **env):
     from jaxppo.data.tasks import demo_prompts
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(demo_prompts(16, seed=3)) + "\n")
     (tmp_path / f"{REWARDS}.py").write_text(REWARD_SOURCE)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]), **env)
     with open(tmp_path / f"{name}.out", "w") as log:       # a file, not a pipe: no process waits on a full one
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out_dir), str(prompts)],
+        proc = subprocess.Popen([sys.executable, "-c", script, str(out_dir), str(prompts)],
                                 stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     return proc, tmp_path / f"{name}.out"
 
@@ -136,3 +146,29 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=5e-3, err_msg=k)
     # the checkpoint (written by both processes through orbax) restores on both, onto the live shardings
     assert p0["restored_same"] and p1["restored_same"] and p0["restored_step"] == p1["restored_step"] == 2
+
+
+@pytest.mark.slow
+def test_grpo_with_dynamic_sampling_on_two_processes_trains_like_one(tmp_path):
+    """Group sampling, dropped groups and a batch filled over several rounds (rows gathered from
+    both processes' devices) give the single process's metrics and evaluations."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [start(tmp_path, tmp_path / "two-processes", f"process{i}", GRPO_SCRIPT, JAXPPO_DISTRIBUTED="1",
+                   JAXPPO_COORDINATOR_ADDRESS=address, JAXPPO_NUM_PROCESSES="2", JAXPPO_PROCESS_ID=str(i),
+                   JAXPPO_COMPILATION_CACHE="0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             for i in range(2)]
+    p0, p1 = finish(procs)
+    one, = finish([start(tmp_path, tmp_path / "one-process", "single", GRPO_SCRIPT,
+                         XLA_FLAGS="--xla_force_host_platform_device_count=2")])
+    assert len(one["history"]) == len(p0["history"]) == len(p1["history"]) == 2
+    assert any(h["sampling/rounds"] > 1 for h in one["history"])          # groups were dropped and resampled
+    keys = ["sampling/rounds", "sampling/groups_with_signal_frac", "objective/scores", "objective/kl",
+            "loss/policy_avg", "val/ratio", "policy/grad_norm", "reward_std"]
+    for a, b, c in zip(one["history"], p0["history"], p1["history"]):
+        assert "loss/value_avg" not in a            # no critic
+        for k in keys:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=f"step {a['step']} {k}")
+            np.testing.assert_allclose(c[k], a[k], rtol=1e-3, atol=1e-5, err_msg=f"step {a['step']} {k}")
+    for a, b in zip(one["evals"], p0["evals"]):
+        np.testing.assert_allclose(b["objective/scores"], a["objective/scores"], rtol=1e-3, atol=1e-5)
+    assert p0["restored_same"] and p1["restored_same"]
