@@ -194,6 +194,12 @@ def _small(state: TrainState):
     return state.kl, state.reward_moments, state.rng, state.step
 
 
+def _sample_args(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_mask, key):
+    """What `sample` takes, on the devices `Placement.sample_mesh` picks (`Placement.to_sampler`)."""
+    return p.placement.to_sampler(state.policy, prompt_ids, prompt_mask, key, p.graphs.policy_base(frozen),
+                                  p.settings.sampling.num_generations)
+
+
 def _values_args(p: Programs, state: TrainState, frozen: Frozen, tokens, attn, mask):
     """What `values` takes: the critic's params and the sampled rows on the critic's mesh."""
     rows, _ = p.placement.to_critic((tokens, attn, mask))
@@ -223,8 +229,7 @@ def rollout(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_m
     reference and reward-model forwards on the policy's devices and the critic's values on the
     critic's, side by side when those differ. Dispatch only: no host sync."""
     key = iteration_key(p, state) if key is None else key
-    args = p.placement.to_sampler(state.policy, prompt_ids, prompt_mask, key, p.graphs.policy_base(frozen),
-                                  p.settings.sampling.num_generations)
+    args = _sample_args(p, state, frozen, prompt_ids, prompt_mask, key)
     out, attn = p.placement.from_sampler(p.sample(*args))      # sampled where `Placement.sample_mesh` says
     values = p.values(*_values_args(p, state, frozen, out.tokens, attn, out.mask)) if p.has_critic else None
     ref_logprobs, scores = p.score(frozen, out.tokens, attn, out.response, out.mask)
@@ -263,9 +268,7 @@ def lower(p: Programs, state: TrainState, frozen: Frozen, prompt_ids, prompt_mas
     small = _small(state)
     batch, perm_key, plateau_value, _ = p.prepare(small, exp, fn_scores)
     policy_args, critic_args = _update_args(p, state, frozen, batch, perm_key, plateau_value)
-    sample_args = p.placement.to_sampler(state.policy, prompt_ids, prompt_mask, key, p.graphs.policy_base(frozen),
-                                         p.settings.sampling.num_generations)
-    lowered = {"sample": p.sample.lower(*sample_args),
+    lowered = {"sample": p.sample.lower(*_sample_args(p, state, frozen, prompt_ids, prompt_mask, key)),
                "score": p.score.lower(frozen, exp.tokens, exp.attention_mask, exp.response, exp.mask),
                "prepare": p.prepare.lower(small, exp, fn_scores),
                "policy_update": p.policy_update.lower(*policy_args)}
